@@ -1,0 +1,56 @@
+"""Token mixers: (B, N, D) -> (B, N, D), no norm and no residual (the block owns those).
+
+A mixer is a Linen class registered with `@register_mixer(name)`. Its hyperparameters are
+dataclass fields. Blocks build it with the fields they share (`num_heads`, `attn_impl`,
+`dropout`) filtered to those the class declares, plus the user's `mixer_kwargs`. A mixer that
+needs the 2-D token layout sets `needs_grid = True` and then receives `grid=(h, w)` and
+`num_prefix` (leading non-patch tokens such as CLS) as keyword arguments.
+Family-specific mixers live in their own modules and register themselves the same way.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import flax.linen as nn
+
+from vitjax import kernels
+from vitjax.models.registry import register_mixer
+
+
+def split_prefix(x, num_prefix: int):
+  """(B, N, D) -> (prefix (B, P, D), patches (B, N - P, D))."""
+  return x[:, :num_prefix], x[:, num_prefix:]
+
+
+def patches_to_grid(x, grid):
+  """(B, h*w, D) -> (B, h, w, D)."""
+  return x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
+
+
+@register_mixer("mhsa")
+class MultiHeadSelfAttention(nn.Module):
+  """Multi-head self-attention with Flax's parameter layout (query/key/value/out DenseGeneral).
+
+  The param names equal those of `nn.MultiHeadDotProductAttention`, so big_vision / vit_jax
+  checkpoints load unchanged; the math is `vitjax.kernels.attention` (pure jnp by default).
+  """
+  scope_name: ClassVar[str] = "MultiHeadDotProductAttention_0"
+  num_heads: int = 8
+  qkv_bias: bool = True
+  attn_impl: str = "xla"
+  dropout: float = 0.0
+  kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False):
+    d_model = x.shape[-1]
+    if d_model % self.num_heads:
+      raise ValueError(f"width {d_model} is not divisible by num_heads={self.num_heads}")
+    head_dim = d_model // self.num_heads
+    proj = lambda name: nn.DenseGeneral(  # noqa: E731
+        (self.num_heads, head_dim), use_bias=self.qkv_bias, kernel_init=self.kernel_init,
+        name=name)
+    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (B, N, H, d)
+    y = kernels.attention(q, k, v, scale=head_dim ** -0.5, impl=self.attn_impl)
+    y = nn.DenseGeneral(d_model, axis=(-2, -1), kernel_init=self.kernel_init, name="out")(y)
+    return nn.Dropout(self.dropout, deterministic=not train)(y)

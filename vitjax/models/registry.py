@@ -1,0 +1,79 @@
+"""Registries: models (name -> factory), blocks and token mixers (name -> Linen class).
+
+The three plug points of the backbone (DESIGN.md, decision 3):
+  * the token carry (`backbone.Tokens`), a pytree of token streams;
+  * BLOCKS: `block(tokens, *, train) -> tokens`, owns norms and residuals;
+  * MIXERS: `mixer(x, *, train) -> x` on (B, N, D), no norm, no residual.
+A mixer may take `grid=(h, w)` (the token grid of x) when it needs 2-D structure;
+blocks pass it to mixers whose class sets `needs_grid = True`.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Any, Callable
+
+MODELS: dict[str, Callable[..., Any]] = {}
+MIXERS: dict[str, type] = {}
+BLOCKS: dict[str, type] = {}
+
+
+def _register(table: dict, kind: str, name: str):
+  def wrap(obj):
+    if name in table:
+      raise ValueError(f"{kind} {name!r} is registered twice")
+    table[name] = obj
+    return obj
+  return wrap
+
+
+def register_model(name: str):
+  """Decorator: registers a factory `fn(**overrides) -> nn.Module` under `name`."""
+  return _register(MODELS, "model", name)
+
+
+def register_mixer(name: str):
+  """Decorator: registers a token-mixer Linen class under `name`."""
+  return _register(MIXERS, "mixer", name)
+
+
+def register_block(name: str):
+  """Decorator: registers a block Linen class under `name`."""
+  return _register(BLOCKS, "block", name)
+
+
+def _lookup(table: dict, kind: str, field: str, name: str):
+  if name in table:
+    return table[name]
+  close = difflib.get_close_matches(name, list(table), n=5, cutoff=0.5)
+  hint = f" Did you mean: {', '.join(close)}?" if close else ""
+  raise ValueError(
+      f"Unknown {kind} {field}={name!r}.{hint} Allowed values: {', '.join(sorted(table))}.")
+
+
+def get_mixer(name: str) -> type:
+  return _lookup(MIXERS, "mixer", "mixer", name)
+
+
+def get_block(name: str) -> type:
+  return _lookup(BLOCKS, "block", "block", name)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+  """Sorted names of registered models matching a shell-style pattern."""
+  return sorted(n for n in MODELS if fnmatch.fnmatchcase(n, pattern))
+
+
+def list_mixers(pattern: str = "*") -> list[str]:
+  return sorted(n for n in MIXERS if fnmatch.fnmatchcase(n, pattern))
+
+
+def create_model(name: str, **overrides):
+  """Builds a registered model; `None`-valued overrides are dropped (as timm does).
+
+  Raises:
+    ValueError: for an unknown name (listing close names) or an unknown override.
+  """
+  factory = _lookup(MODELS, "model", "model_name", name)
+  overrides = {k: v for k, v in overrides.items() if v is not None}
+  return factory(**overrides)
