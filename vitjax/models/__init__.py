@@ -1,5 +1,10 @@
 """Model families. Every family module is imported here explicitly so its registrations run."""
 from vitjax.models import mixers  # noqa: F401  (registers 'mhsa')
 from vitjax.models import backbone  # noqa: F401  (registers the 'vit' block)
+from vitjax.models import rpe_mixers  # noqa: F401  (krpe_fft, urpe, gmm_mask)
+from vitjax.models import spectral_mixers  # noqa: F401  (spectral_gating, hyena_nd, gnconv)
 from vitjax.models import vit  # noqa: F401
+from vitjax.models import lookupvit  # noqa: F401
+from vitjax.models import spectformer  # noqa: F401
+from vitjax.models import hornet  # noqa: F401
 from vitjax.models.registry import create_model, list_mixers, list_models  # noqa: F401

@@ -92,13 +92,11 @@ VARIANTS = {
 }
 
 
-def _factory(patch_size, width, depth, mlp_dim, num_heads, **overrides):
-  kwargs = dict(patch_size=patch_size, width=width, depth=depth, mlp_dim=mlp_dim,
-                num_heads=num_heads)
-  kwargs.update(overrides)
+def _factory(**kwargs):
   layers.check_overrides(VisionTransformer, kwargs, what="VisionTransformer")
   return VisionTransformer(**kwargs)
 
 
 for _name, _spec in VARIANTS.items():
-  register_model(_name)(functools.partial(_factory, *_spec))
+  register_model(_name)(functools.partial(
+      _factory, **dict(zip(("patch_size", "width", "depth", "mlp_dim", "num_heads"), _spec))))

@@ -1,0 +1,102 @@
+"""Shared config pieces: the field set every config has, and big_vision-style `:arg` parsing.
+
+Run a config as `python -m vitjax.main --config=configs/NAME.py[:ARG] --config.KEY=VALUE ...`. ARG is a
+comma-separated list of `key=value` pairs or bare flags (`runlocal`, `imagenet`, ...). The config is
+locked: overriding a key that does not exist is an error that lists the existing keys.
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+
+def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
+  """'a=1,b,c=x' -> ConfigDict(a=1, b=True, c='x'), typed after `defaults`; unknown keys raise."""
+  out = mlc.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}. Allowed: {', '.join(sorted(defaults))}.")
+    default = defaults[key]
+    if not _:
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes")
+    else:
+      out[key] = type(default)(value)
+  return out
+
+
+def data_config(**overrides) -> mlc.ConfigDict:
+  """`config.data`: which TFDS dataset, where it lives, and how images are prepared."""
+  data = mlc.ConfigDict(dict(
+      name="fashion_mnist",    # any TFDS image-classification dataset prepared in array_record format
+      data_dir="",             # TFDS data_dir; '' = TFDS's default (~/tensorflow_datasets)
+      source_dir="",           # where the Fashion-MNIST IDX files are ('' = search the usual places)
+      image_size=28,           # images are resized to image_size x image_size
+      channels=0,              # 0 = keep the dataset's channels; 1 or 3 converts
+      train_split="train",
+      eval_split="test",
+      augment="none",          # 'none' or 'crop_flip'
+  ))
+  data.update(overrides)
+  return data
+
+
+def model_overrides(**fields) -> mlc.ConfigDict:
+  """`config.model`: create_model overrides. Unset (None) entries keep the registered variant's value.
+
+  The size fields are typed placeholders so `--config.model.depth=4` works on the locked config.
+  """
+  m = mlc.ConfigDict(dict(
+      patch_size=mlc.config_dict.placeholder(int), width=mlc.config_dict.placeholder(int),
+      depth=mlc.config_dict.placeholder(int), mlp_dim=mlc.config_dict.placeholder(int),
+      num_heads=mlc.config_dict.placeholder(int), dropout=mlc.config_dict.placeholder(float),
+      drop_path=mlc.config_dict.placeholder(float), attn_impl=mlc.config_dict.placeholder(str)))
+  m.update(fields)
+  return m
+
+
+def base_config() -> mlc.ConfigDict:
+  """Every field the runner reads, with defaults. Family configs override what they need."""
+  c = mlc.ConfigDict()
+  c.model_name = "vit_nano4"
+  c.model = model_overrides()         # create_model(model_name, **model) overrides
+  c.data = data_config()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 128                  # global batch, split over all devices
+  c.eval_batch_size = 512
+  c.lr = 1e-3                         # peak learning rate
+  c.warmup_steps = 100
+  c.min_lr_ratio = 0.01               # cosine decays to lr * min_lr_ratio
+  c.weight_decay = 0.05               # AdamW, not applied to biases, norms, positions, CLS
+  c.b2 = 0.999
+  c.grad_clip_norm = 1.0
+  c.label_smoothing = 0.0
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.init_from = ""                    # a parameter checkpoint (vitjax.convert output) to fine-tune from
+  c.init_from_skip = "^head/"         # regex of params that keep their fresh init when loading init_from
+  c.grids = []                        # LookupViT: compressed grids sampled per training step
+  c.eval_grids = []                   # LookupViT: grids evaluated with the same params
+  c.distributed = False               # True: call jax.distributed.initialize() (multi-host)
+  return c
+
+
+def imagenet_data() -> mlc.ConfigDict:
+  """TFDS imagenet2012 at 224 px (the user prepares it; see the README's data section)."""
+  return data_config(name="imagenet2012", image_size=224, eval_split="validation", channels=3,
+                     augment="crop_flip")
+
+
+def runlocal(c: mlc.ConfigDict):
+  """Shrinks a config to a few tiny steps: a smoke test of the whole pipeline."""
+  c.total_steps = 20
+  c.batch_size = 16
+  c.eval_batch_size = 32
+  c.log_every_steps = 5
+  c.eval_every_steps = 10
+  c.checkpoint_every_steps = 10
+  c.warmup_steps = 2

@@ -1,0 +1,50 @@
+"""LookupViT (Koner et al., ECCV 2024), trained with several compressed-token grids at once.
+
+The default is the main job: a small LookupViT on Fashion-MNIST, a grid drawn per training step from
+`grids`, and every grid in `eval_grids` evaluated with the same parameters.
+
+    python -m vitjax.main --config=configs/lookupvit.py
+    python -m vitjax.main --config=configs/lookupvit.py:runlocal     # a few steps, for a smoke test
+    python -m vitjax.main --config=configs/lookupvit.py:imagenet --config.data.data_dir=~/tensorflow_datasets
+
+`:imagenet` is LookupViT-B/16 on TFDS imagenet2012 (prepared by the user in array_record format) with a
+DeiT-style recipe: AdamW, lr 5e-4 x batch/512, weight decay 0.05, 5 warmup epochs, cosine over 300 epochs,
+label smoothing 0.1, stochastic depth 0.1, random crop + flip (vitjax has no RandAugment / Mixup yet).
+"""
+from vitjax.configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, runlocal=False, imagenet=False)
+  c = common.base_config()
+  c.model_name = "lookupvit_nano2"
+  c.model = common.model_overrides(lookup_mlp_ratio=0.5, head_source="compressed")
+  c.grids = [(3, 3), (5, 5), (7, 7)]
+  c.eval_grids = [(3, 3), (4, 4), (5, 5), (7, 7)]
+  c.total_steps = 3000
+  c.batch_size = 128
+  c.lr = 2e-3
+  c.warmup_steps = 200
+  c.weight_decay = 0.05
+  c.data.augment = "crop_flip"
+  c.eval_every_steps = 1000
+  c.checkpoint_every_steps = 500
+  if arg.imagenet:
+    steps_per_epoch = 1251  # 1,281,167 images / batch 1024
+    c.model_name = "lookupvit_b16"
+    c.model = common.model_overrides(lookup_mlp_ratio=0.5, head_source="compressed", drop_path=0.1)
+    c.grids = [(3, 3), (5, 5), (7, 7), (10, 10)]
+    c.eval_grids = [(3, 3), (5, 5), (7, 7), (10, 10)]
+    c.data = common.imagenet_data()
+    c.total_steps = 300 * steps_per_epoch
+    c.batch_size = 1024
+    c.eval_batch_size = 1000
+    c.lr = 5e-4 * c.batch_size / 512
+    c.warmup_steps = 5 * steps_per_epoch
+    c.weight_decay = 0.05
+    c.label_smoothing = 0.1
+    c.eval_every_steps = 5 * steps_per_epoch
+    c.checkpoint_every_steps = 2000
+  if arg.runlocal:
+    common.runlocal(c)
+  return c
