@@ -104,12 +104,12 @@ def _cli_args(fmnist, workdir):
 def _final(workdir):
   ckpt = vitjax.checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   step = ckpt.latest_step()
-  like = jax.tree.map(lambda x: x, ckpt._mngr.restore(step).state)  # pylint: disable=protected-access
+  state = ckpt.read_state(step)
   ckpt.close()
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   for r in rows:
     r.pop("train/images_per_sec", None)
-  return step, like, rows
+  return step, state, rows
 
 
 def test_sigkill_resume_matches_uninterrupted_run(fmnist, tmp_path):

@@ -49,6 +49,11 @@ class Checkpointer:
         state=ocp.args.StandardRestore(_abstract(like_state)), data=ocp.args.JsonRestore()))
     return out["state"], out["data"]
 
+  def read_state(self, step: int) -> Any:
+    """The train state at `step` as saved (no target structure: dicts and host-default arrays)."""
+    return self._mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore()))["state"]
+
   def wait(self):
     self._mngr.wait_until_finished()
 

@@ -71,7 +71,8 @@ def make_train_step(model, tx, *, label_smoothing: float = 0.0):
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1)
-    return new_state, (loss, optax.global_norm(params))
+    param_norm = jnp.sqrt(sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params)))
+    return new_state, (loss, param_norm)
   return train_step
 
 

@@ -3,7 +3,8 @@
 `attention(q, k, v, *, scale, impl)` with q (B, T, H, d) and k, v (B, S, H, d).
   * 'xla'   : `vitjax.ops.attention.dot_product_attention` (always available).
   * 'cudnn' : `jax.nn.dot_product_attention(implementation='cudnn')` (GPU only).
-  * 'pallas': the flash-attention kernel in `vitjax.kernels.pallas_attention`.
+  * 'pallas': the flash-attention kernel in `vitjax.kernels.pallas_attention` (no bias or mask;
+              interpret mode on CPU, Triton on GPU; imported only when asked for).
   * 'auto'  : the first kernel in `AUTO_ORDER[backend]` that supports the call, else 'xla'
               (it logs the fallback once). A kernel enters AUTO_ORDER only after a benchmark
               recorded in experiments/ shows it faster.
@@ -17,6 +18,8 @@ import logging
 import jax
 
 from vitjax.ops import attention as ops_attention
+
+_LOG = logging.getLogger(__name__)
 
 IMPLS = ("xla", "cudnn", "pallas", "auto")
 # Backend -> kernels 'auto' tries before xla. Empty until a recorded benchmark says otherwise.
@@ -62,7 +65,7 @@ _KERNELS = {
 
 @functools.lru_cache(maxsize=None)
 def _log_fallback_once(reason: str):
-  logging.info("attn_impl='auto' falls back to 'xla': %s", reason)
+  _LOG.info("attn_impl='auto' falls back to 'xla': %s", reason)
 
 
 def resolve(impl: str, q, k, v, bias=None, mask=None) -> str:
@@ -76,7 +79,8 @@ def resolve(impl: str, q, k, v, bias=None, mask=None) -> str:
       if why is None:
         return name
       reasons.append(f"{name}: {why}")
-    _log_fallback_once("; ".join(reasons) or f"no faster kernel recorded for {jax.default_backend()}")
+    _log_fallback_once(
+        "; ".join(reasons) or f"no faster kernel recorded for {jax.default_backend()}")
     return "xla"
   why = _KERNELS[impl][1](q, k, v, bias, mask)
   if why is not None:
