@@ -156,7 +156,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   repl = jax.NamedSharding(mesh, jax.P())
   batch_sharding = jax.NamedSharding(mesh, jax.P("data"))
   info = vdata.dataset_info(config.data)
-  model = create_model(config.model_name, num_classes=info.num_classes, **config.model)
+  model = create_model(config.model_name, num_classes=info.num_classes, **config.model.to_dict())
   grids, eval_grids = model_grids(model, config)
   tx, schedule = optim.make_optimizer(config)
 

@@ -1,0 +1,80 @@
+"""Multi-head bidirectional cross-attention (MHBC) of LookupViT, as pure jnp functions.
+
+Koner et al., "LookupViT: Compressing visual information to a limited number of tokens",
+ECCV 2024 (arXiv:2407.12753). M compressed tokens F_p and N lookup tokens F_l exchange
+information through ONE similarity matrix per head,
+
+    S = Q_p K_l^T / sqrt(d)                                   (B, H, M, N),
+
+with Q_p projected from the compressed tokens and K_l from the lookup tokens:
+  * gather    (compressed <- lookup): softmax of S over the N lookup tokens, times V_l;
+  * propagate (lookup <- compressed): softmax of the SAME pre-softmax S over the M compressed
+    tokens, times V_p.
+Re-normalising the logits (rather than transposing the gather weights) keeps every lookup
+token's weights summing to one whatever N/M is; sharing S saves the second query/key
+projection pair and the second N*M*d logits matmul, so nothing here is quadratic in N.
+
+The two directions run at different times inside a block (the compressed tokens are refined by
+a full ViT block in between, and V_p is taken from the refined tokens), so the logits are
+returned by `mhbc_logits` and passed to `propagate` explicitly.
+
+Layout: token tensors are (B, tokens, H, d) like `vitjax.ops.attention`.
+Axis names in einsums: b batch, h head, m compressed token, n lookup token, d head channel.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from vitjax.ops.attention import attention_logits
+
+
+def mhbc_logits(q_p, k_l, *, scale):
+  """Shared similarity logits S = q_p k_l^T * scale: (B, M, H, d), (B, N, H, d) -> (B, H, M, N)."""
+  return attention_logits(q_p, k_l, scale)
+
+
+def gather_weights(logits):
+  """A_g: softmax over the lookup axis N; (B, H, M, N), each (b, h, m) row sums to 1."""
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def propagate_weights(logits):
+  """A_p: softmax of the same logits over the compressed axis M; each (b, h, n) column sums to 1."""
+  return jax.nn.softmax(logits, axis=-2)
+
+
+def gather(logits, v_l):
+  """Compressed <- lookup: A_g V_l.
+
+  Args:
+    logits: (B, H, M, N) from `mhbc_logits`.
+    v_l: (B, N, H, dv) lookup-token values.
+
+  Returns:
+    (B, M, H, dv) per-head messages for the compressed tokens.
+  """
+  return jnp.einsum("bhmn,bnhd->bmhd", gather_weights(logits), v_l)
+
+
+def propagate(logits, v_p):
+  """Lookup <- compressed: A_p^T V_p, reusing the gather logits.
+
+  Args:
+    logits: (B, H, M, N), the pre-softmax logits the gather step computed.
+    v_p: (B, M, H, dv) compressed-token values.
+
+  Returns:
+    (B, N, H, dv) per-head messages for the lookup tokens.
+  """
+  return jnp.einsum("bhmn,bmhd->bnhd", propagate_weights(logits), v_p)
+
+
+def bidirectional_cross_attention(q_p, k_l, v_l, v_p, *, scale):
+  """Both directions at once (same inputs for both): returns (to_compressed, to_lookup, logits).
+
+  Shapes: q_p (B, M, H, d), k_l (B, N, H, d), v_l (B, N, H, dv), v_p (B, M, H, dv) ->
+  (B, M, H, dv), (B, N, H, dv), (B, H, M, N).
+  """
+  logits = mhbc_logits(q_p, k_l, scale=scale)
+  return gather(logits, v_l), propagate(logits, v_p), logits
