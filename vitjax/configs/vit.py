@@ -7,11 +7,14 @@
 from vitjax.configs import common
 
 
-def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False, imagenet=False, mixer="mhsa")
+def get_config(arg=None, *, mixer="mhsa", mixer_kwargs=None):
+  """`mixer` / `mixer_kwargs` swap the token mixer (the per-mixer configs call this)."""
+  arg = common.parse_arg(arg, runlocal=False, imagenet=False, mixer=mixer)
   c = common.base_config()
   c.model_name = "vit_nano4"
   c.model = common.model_overrides(mixer=arg.mixer, pool="gap")
+  if mixer_kwargs:
+    c.model.mixer_kwargs = dict(mixer_kwargs)
   c.total_steps = 3000
   c.batch_size = 128
   c.lr = 2e-3
@@ -22,7 +25,10 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 500
   if arg.imagenet:
     c.model_name = "vit_b16"
-    c.model = common.model_overrides(mixer=arg.mixer, pool="tok", drop_path=0.1)
+    # Mixers that need the 2-D grid pass CLS through unchanged, so they pool the patch tokens.
+    pool = "tok" if arg.mixer == "mhsa" else "gap"
+    c.model = common.model_overrides(mixer=arg.mixer, pool=pool, drop_path=0.1,
+                                     mixer_kwargs=dict(mixer_kwargs or {}))
     c.data = common.imagenet_data()
     c.total_steps = 300 * 1251
     c.batch_size = 1024
