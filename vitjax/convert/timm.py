@@ -1,0 +1,178 @@
+"""timm (PyTorch Image Models) state dicts -> vitjax variables.
+
+    import torch, vitjax.convert
+    state = torch.load("vit_base_patch16_224.pth", map_location="cpu", weights_only=True)
+    model, variables, meta = vitjax.convert.from_timm(state, "vit_base_patch16_224")
+    logits = model.apply(variables, images_nhwc)      # same logits as timm on images_nchw
+
+Every supported timm architecture is one `Family` entry in `FAMILIES`: the timm model names it
+covers and the vitjax model each becomes, a table of renaming `Rule`s (see `mapping.py`), and two
+functions that read the create_model overrides (classes, depth) and an input size that fits off
+the state dict. Adding a family (ConvNeXt, CrossViT, ... once vitjax has them) is adding one entry;
+nothing else changes. Conversion is strict: keys that fit no rule, missing parameters and shape
+mismatches are reported together in one ValueError.
+
+Layout differences the rules undo:
+  * torch Linear stores (out, in); Flax Dense stores (in, out). The attention projections are
+    Flax DenseGenerals with a head axis: query/key/value kernels (D, H, d), out kernel (H, d, D).
+  * timm fuses q, k, v into one (3D, D) `qkv` Linear whose rows are ordered (q|k|v, head, d).
+  * torch Conv2d stores (O, I, kh, kw); Flax Conv stores (kh, kw, I, O). Images are NCHW in timm
+    and NHWC in vitjax.
+  * timm's ViT position table already includes the CLS slot, like vit_jax's (1, 1 + N, D).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from vitjax.convert import mapping
+from vitjax.convert.mapping import Converted, Rule, conv, linear, rule, split
+from vitjax.models.registry import create_model
+
+Overrides = dict[str, Any]
+ImageShape = tuple[int, int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One timm architecture family and how its state dicts map onto a vitjax model."""
+  name: str
+  models: Mapping[str, str]              # timm model name -> registered vitjax model name
+  rules: Sequence[Rule]
+  # state dict -> create_model overrides read off the weights (classes, depth, ...)
+  overrides: Callable[[Mapping[str, Any]], Overrides]
+  # (state dict, vitjax model) -> shape of an example input the weights fit, (1, H, W, C)
+  example_input: Callable[[Mapping[str, Any], Any], ImageShape]
+  ignore: Sequence[str] = ()             # source keys that are buffers, not parameters
+
+
+def _shape(state: Mapping[str, Any], key: str, family: str) -> tuple[int, ...]:
+  if key not in state:
+    raise ValueError(f"Not a timm {family} state dict: key {key!r} is missing "
+                     f"(found {len(state)} keys, e.g. {sorted(state)[:5]}).")
+  return tuple(state[key].shape)
+
+
+def _vit_overrides(state: Mapping[str, Any]) -> Overrides:
+  """num_classes and depth, read off the head and the block keys.
+
+  A state dict without a head keeps the model's default head, which the strict conversion then
+  reports as missing (with everything else that does not fit).
+  """
+  blocks = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+  found = {"depth": max(blocks) + 1 if blocks else 0}
+  if "head.weight" in state:
+    found["num_classes"] = tuple(state["head.weight"].shape)[0]
+  return found
+
+
+def _vit_example_input(state: Mapping[str, Any], model) -> ImageShape:
+  """(1, H, W, C) whose patch grid matches the position table (patch size from the model)."""
+  channels = _shape(state, "patch_embed.proj.weight", "ViT")[1]
+  num_tokens = _shape(state, "pos_embed", "ViT")[1] - (1 if "cls_token" in state else 0)
+  grid = math.isqrt(num_tokens)
+  if grid * grid != num_tokens:
+    raise ValueError(f"timm ViT pos_embed holds {num_tokens} patch positions, not a square grid; "
+                     "only square inputs are supported")
+  size = grid * model.patch_size
+  return (1, size, size, channels)
+
+
+_BLOCK = r"blocks\.(\d+)\."
+_VIT_BLOCK = "Transformer/encoderblock_{0}/"
+_ATTN = _VIT_BLOCK + "MultiHeadDotProductAttention_0/"
+
+VIT_RULES = (
+    rule(r"cls_token", "cls"),
+    rule(r"pos_embed", "Transformer/posembed_input/pos_embedding"),
+    rule(r"patch_embed\.proj\.weight", "embedding/kernel", transform=conv),
+    rule(r"patch_embed\.proj\.bias", "embedding/bias"),
+    rule(_BLOCK + r"norm1\.weight", _VIT_BLOCK + "LayerNorm_0/scale"),
+    rule(_BLOCK + r"norm1\.bias", _VIT_BLOCK + "LayerNorm_0/bias"),
+    rule(_BLOCK + r"attn\.qkv\.weight", _ATTN + "query/kernel", _ATTN + "key/kernel",
+         _ATTN + "value/kernel", transform=split(3, linear)),
+    rule(_BLOCK + r"attn\.qkv\.bias", _ATTN + "query/bias", _ATTN + "key/bias",
+         _ATTN + "value/bias", transform=split(3, mapping.copy)),
+    rule(_BLOCK + r"attn\.proj\.weight", _ATTN + "out/kernel", transform=linear),
+    rule(_BLOCK + r"attn\.proj\.bias", _ATTN + "out/bias"),
+    rule(_BLOCK + r"norm2\.weight", _VIT_BLOCK + "LayerNorm_1/scale"),
+    rule(_BLOCK + r"norm2\.bias", _VIT_BLOCK + "LayerNorm_1/bias"),
+    rule(_BLOCK + r"mlp\.fc1\.weight", _VIT_BLOCK + "MlpBlock_0/Dense_0/kernel", transform=linear),
+    rule(_BLOCK + r"mlp\.fc1\.bias", _VIT_BLOCK + "MlpBlock_0/Dense_0/bias"),
+    rule(_BLOCK + r"mlp\.fc2\.weight", _VIT_BLOCK + "MlpBlock_0/Dense_1/kernel", transform=linear),
+    rule(_BLOCK + r"mlp\.fc2\.bias", _VIT_BLOCK + "MlpBlock_0/Dense_1/bias"),
+    rule(r"norm\.weight", "Transformer/encoder_norm/scale"),
+    rule(r"norm\.bias", "Transformer/encoder_norm/bias"),
+    rule(r"head\.weight", "head/kernel", transform=linear),
+    rule(r"head\.bias", "head/bias"),
+)
+
+# The table of supported families. ConvNeXt and CrossViT get an entry here when vitjax has them.
+FAMILIES: dict[str, Family] = {
+    "vit": Family(
+        name="vit",
+        models={
+            "vit_tiny_patch16_224": "vit_ti16",
+            "vit_small_patch16_224": "vit_s16",
+            "vit_base_patch16_224": "vit_b16",
+            "vit_large_patch16_224": "vit_l16",
+            "vit_base_patch32_224": "vit_b32",
+        },
+        rules=VIT_RULES,
+        overrides=_vit_overrides,
+        example_input=_vit_example_input),
+}
+
+
+def supported_models() -> list[str]:
+  """timm model names `from_timm` accepts (a pretrained tag such as '.augreg_in21k' may follow)."""
+  return sorted(n for f in FAMILIES.values() for n in f.models)
+
+
+def resolve(model_name: str) -> tuple[Family, str, str]:
+  """timm name (optionally '.tag'ged) or vitjax name -> (family, timm name, vitjax name)."""
+  base = model_name.split(".", 1)[0]
+  for family in FAMILIES.values():
+    if base in family.models:
+      return family, base, family.models[base]
+    for timm_name, vitjax_name in family.models.items():
+      if base == vitjax_name:
+        return family, timm_name, vitjax_name
+  raise ValueError(f"Unknown timm model_name={model_name!r}. Allowed values: "
+                   f"{', '.join(supported_models())} (or their vitjax names).")
+
+
+def from_timm(state_dict: Mapping[str, Any], model_name: str, **overrides) -> Converted:
+  """Converts a timm state dict into a vitjax model and its variables (strict; see module doc).
+
+  Args:
+    state_dict: timm parameter name -> torch tensor or numpy array (as from `model.state_dict()`
+      or a checkpoint file). The number of classes, the depth and the input size are read from it.
+    model_name: the timm architecture (e.g. 'vit_base_patch16_224', tags like '.augreg_in21k'
+      are ignored) or the vitjax name it maps to (e.g. 'vit_b16').
+    **overrides: extra `create_model` fields, e.g. drop_path=0.1 or attn_impl='auto' for
+      fine-tuning, or the sizes of a non-standard timm model (num_heads cannot be read off the
+      weights). They win over what is read from the state dict; a size that disagrees with the
+      weights is reported like any other mismatch.
+
+  Returns:
+    `Converted(model, variables, meta)`; unpack it as a 3-tuple.
+
+  Raises:
+    ValueError: unknown model name, or one message listing every key or shape that does not fit.
+  """
+  family, timm_name, vitjax_name = resolve(model_name)
+  overrides = {**family.overrides(state_dict), **overrides}
+  model = create_model(vitjax_name, **overrides)
+  image_shape = family.example_input(state_dict, model)
+  target = mapping.abstract_params(model, jax.ShapeDtypeStruct(image_shape, jnp.float32))
+  params = mapping.apply_rules(state_dict, family.rules, target, ignore=family.ignore,
+                               what=f"timm {timm_name!r} -> vitjax {vitjax_name!r}")
+  meta = {"source": "timm", "source_model": timm_name, "model_name": vitjax_name,
+          "model_overrides": dict(overrides), "image_size": list(image_shape[1:3])}
+  return Converted(model, {"params": params}, meta)
