@@ -17,17 +17,20 @@ from vitjax.configs import common
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, imagenet=False)
   c = common.base_config()
-  c.model_name = "lookupvit_nano2"
-  c.model = common.model_overrides(lookup_mlp_ratio=0.5, head_source="compressed")
-  c.grids = [(3, 3), (5, 5), (7, 7)]
-  c.eval_grids = [(3, 3), (4, 4), (5, 5), (7, 7)]
-  c.total_steps = 3000
+  # The same width, depth and heads as configs/vit.py's ViT, with 7x7 lookup tokens (4x4 patches) and
+  # 3x3 to 5x5 compressed tokens.
+  c.model_name = "lookupvit_nano4"
+  c.model = common.model_overrides(lookup_mlp_ratio=0.5, head_source="compressed", width=96,
+                                   depth=3, num_heads=3, mlp_dim=384)
+  c.grids = [(3, 3), (4, 4), (5, 5)]
+  c.eval_grids = [(3, 3), (4, 4), (5, 5)]
+  c.total_steps = 2500
   c.batch_size = 128
   c.lr = 2e-3
   c.warmup_steps = 200
   c.weight_decay = 0.05
-  c.data.augment = "crop_flip"
-  c.eval_every_steps = 1000
+  c.data.augment = "none"
+  c.eval_every_steps = 500
   c.checkpoint_every_steps = 500
   if arg.imagenet:
     steps_per_epoch = 1251  # 1,281,167 images / batch 1024
