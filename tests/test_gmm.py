@@ -8,10 +8,7 @@ from vitjax.models import create_model
 from vitjax.models.mixers import MultiHeadSelfAttention
 from vitjax.models.rpe_mixers import GMMMaskAttention
 from vitjax.ops import gmm
-
-
-def rand(key, shape, scale=1.0):
-  return scale * jax.random.normal(jax.random.PRNGKey(key), shape, jnp.float32)
+from tests.rpe_reference import rand
 
 
 def pair_sq_dist(grid, num_prefix):
