@@ -44,8 +44,10 @@ def main(argv):
     results.append(dict(mixer=mixer, accuracy=row["eval/accuracy"], gmacs=row["eval/gmacs"],
                         wall_sec=time.time() - t0, mixer_kwargs=dict(config.model.get("mixer_kwargs", {}))))
     print(results[-1], flush=True)
-  lines = [f"Same model (vit_nano4, width 128, depth 6, patch 4, GAP head), data (Fashion-MNIST 28x28, no "
-           f"augmentation) and budget ({_STEPS.value} steps of batch 128, AdamW, warmup + cosine) for every mixer.",
+  m = config.model
+  lines = [f"Same model ({config.model_name}, width {m.width}, depth {m.depth}, {m.num_heads} heads, patch 4, "
+           f"GAP head), data (Fashion-MNIST 28x28, no augmentation) and budget ({_STEPS.value} steps of "
+           f"batch {config.batch_size}, AdamW, warmup + cosine) for every mixer.",
            "", "| mixer | settings | test accuracy | GMACs/image | wall time (s) |", "|---|---|---|---|---|"]
   for r in results:
     kw = ", ".join(f"{k}={v}" for k, v in r["mixer_kwargs"].items()) or "-"
