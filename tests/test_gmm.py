@@ -9,6 +9,7 @@ from vitjax.models.mixers import MultiHeadSelfAttention
 from vitjax.models.rpe_mixers import GMMMaskAttention
 from vitjax.ops import gmm
 from tests.rpe_reference import rand
+from tests.mixer_checks import tiny_vit_block_grads
 
 
 def pair_sq_dist(grid, num_prefix):
@@ -109,18 +110,5 @@ def test_bad_config_raises():
 
 
 def test_tiny_vit_runs_and_has_finite_grads():
-  model = create_model("vit_nano4", mixer="gmm_mask", num_classes=10, depth=2,
-                       head_zero_init=False)
-  images = rand(8, (2, 16, 16, 1))
-  variables = model.init(jax.random.PRNGKey(0), images)
-  labels = jnp.array([0, 9])
-
-  def loss(p):
-    logits = model.apply({"params": p}, images)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
-
-  value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
-  assert np.isfinite(value)
-  assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
-  attn = grads["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
+  attn = tiny_vit_block_grads("gmm_mask")["MultiHeadDotProductAttention_0"]
   assert float(jnp.abs(attn["alpha"]).sum()) > 0 and float(jnp.abs(attn["sigma"]).sum()) > 0

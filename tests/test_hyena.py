@@ -9,6 +9,7 @@ import pytest
 from vitjax.models import create_model, list_mixers
 from vitjax.models.spectral_mixers import HyenaND
 from vitjax.ops import hyena
+from tests.mixer_checks import tiny_vit_block_grads
 
 TOL = dict(rtol=1e-4, atol=1e-4)
 
@@ -136,20 +137,7 @@ def test_mixer_impls_agree_prefix_passes_and_grid_changes():
 
 
 def test_registered_and_trains_in_tiny_vit():
-  # Mean pooling and a non-zero head so the loss reaches the mixer: the CLS token of the default
-  # 'tok' pool never reads the patches through a grid mixer (see vitjax.models.spectral_mixers).
-  assert "hyena_nd" in list_mixers()
-  model = create_model("vit_nano4", mixer="hyena_nd", num_classes=10, pool="gap",
-                       head_zero_init=False, depth=2)
-  images = jnp.asarray(np.random.default_rng(4).normal(size=(2, 16, 16, 1)), jnp.float32)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0), images)
-
-  def loss(v):
-    logits = model.apply(v, images)
-    return jnp.sum(jax.nn.log_softmax(logits)[:, 0]), logits
-
-  (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables)
-  assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-  mixer_grad = grads["params"]["Transformer"]["encoderblock_0"]["mixer"]["filter_out"]["kernel"]
-  assert float(jnp.abs(mixer_grad).max()) > 0
+  # Mean pooling so the loss reaches the mixer: the CLS token of the default 'tok' pool never
+  # reads the patches through a grid mixer (see vitjax.models.spectral_mixers).
+  block = tiny_vit_block_grads("hyena_nd", pool="gap")
+  assert float(jnp.abs(block["mixer"]["filter_out"]["kernel"]).max()) > 0

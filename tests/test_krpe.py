@@ -10,6 +10,7 @@ from vitjax.models import create_model
 from vitjax.models.rpe_mixers import KernelizedRPEAttention
 from vitjax.ops import krpe
 from tests.rpe_reference import pair_index, rand
+from tests.mixer_checks import tiny_vit_block_grads
 
 
 def dense_bias(rel_bias, prefix_bias, grid, n, num_prefix):
@@ -157,19 +158,7 @@ def test_bad_config_raises():
 
 
 def test_tiny_vit_runs_and_has_finite_grads():
-  model = create_model("vit_nano4", mixer="krpe_fft", num_classes=10, depth=2,
-                       head_zero_init=False, mixer_kwargs={"num_features": 16})
-  images = rand(30, (2, 16, 16, 1))
-  variables = model.init(jax.random.PRNGKey(0), images)
-  labels = jnp.array([1, 7])
-
-  def loss(p):
-    logits = model.apply({"params": p}, images)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
-
-  value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
-  assert np.isfinite(value)
-  assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
-  attn = grads["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
+  attn = tiny_vit_block_grads("krpe_fft", mixer_kwargs={"num_features": 16})
+  attn = attn["MultiHeadDotProductAttention_0"]
   assert float(jnp.abs(attn["rel_bias"]).sum()) > 0
   assert float(jnp.abs(attn["query"]["kernel"]).sum()) > 0

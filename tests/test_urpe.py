@@ -9,6 +9,7 @@ from vitjax.models.mixers import MultiHeadSelfAttention
 from vitjax.models.rpe_mixers import URPEAttention
 from vitjax.ops import urpe
 from tests.rpe_reference import pair_index, rand
+from tests.mixer_checks import tiny_vit_block_grads
 
 
 def dense_pairs(table, prefix_value, idx):
@@ -127,18 +128,6 @@ def test_bad_config_raises():
 
 
 def test_tiny_vit_runs_and_has_finite_grads():
-  model = create_model("vit_nano4", mixer="urpe", num_classes=10, depth=2, head_zero_init=False)
-  images = rand(40, (2, 16, 16, 1))
-  variables = model.init(jax.random.PRNGKey(0), images)
-  labels = jnp.array([3, 5])
-
-  def loss(p):
-    logits = model.apply({"params": p}, images)
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
-
-  value, grads = jax.jit(jax.value_and_grad(loss))(variables["params"])
-  assert np.isfinite(value)
-  assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
-  attn = grads["Transformer"]["encoderblock_0"]["MultiHeadDotProductAttention_0"]
+  attn = tiny_vit_block_grads("urpe")["MultiHeadDotProductAttention_0"]
   for name in ("rel_bias", "rel_mult", "prefix_bias", "prefix_mult"):
     assert float(jnp.abs(attn[name]).sum()) > 0, name
