@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitjax.models import create_model
 from vitjax.models.mixers import MultiHeadSelfAttention
 from vitjax.models.rpe_mixers import GMMMaskAttention
 from vitjax.ops import gmm

@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitjax.models import create_model
 from vitjax.models.rpe_mixers import KernelizedRPEAttention
 from vitjax.ops import krpe
 from tests.rpe_reference import pair_index, rand

@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitjax.models import create_model, list_mixers
 from vitjax.models.spectral_mixers import SpectralGating
 from vitjax.ops import spectral
 from tests.mixer_checks import tiny_vit_block_grads
