@@ -24,14 +24,7 @@ def get_config(arg=None):
                                    depth=3, num_heads=3, mlp_dim=384)
   c.grids = [(3, 3), (4, 4), (5, 5)]
   c.eval_grids = [(3, 3), (4, 4), (5, 5)]
-  c.total_steps = 2500
-  c.batch_size = 128
-  c.lr = 2e-3
-  c.warmup_steps = 200
-  c.weight_decay = 0.05
-  c.data.augment = "none"
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
+  common.fashion_mnist_recipe(c)
   if arg.imagenet:
     steps_per_epoch = 1251  # 1,281,167 images / batch 1024
     c.model_name = "lookupvit_b16"

@@ -17,14 +17,7 @@ def get_config(arg=None, *, mixer="mhsa", mixer_kwargs=None):
                                    mlp_dim=384)
   if mixer_kwargs:
     c.model.mixer_kwargs = dict(mixer_kwargs)
-  c.total_steps = 2500
-  c.batch_size = 128
-  c.lr = 2e-3
-  c.warmup_steps = 200
-  c.weight_decay = 0.05
-  c.data.augment = "none"    # too few epochs for augmentation to pay off
-  c.eval_every_steps = 500
-  c.checkpoint_every_steps = 500
+  common.fashion_mnist_recipe(c)
   if arg.imagenet:
     c.model_name = "vit_b16"
     # Mixers that need the 2-D grid pass CLS through unchanged, so they pool the patch tokens.

@@ -27,6 +27,27 @@ def patches_to_grid(x, grid):
   return x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
 
 
+def qkv_projections(x, num_heads: int, *, qkv_bias: bool, kernel_init):
+  """The 'query', 'key', 'value' DenseGeneral projections (B, N, D) -> 3 x (B, N, H, D/H).
+
+  Call it from inside a compact method: the projections become submodules of that module, with
+  the parameter names of `nn.MultiHeadDotProductAttention`.
+  """
+  d_model = x.shape[-1]
+  if d_model % num_heads:
+    raise ValueError(f"width {d_model} is not divisible by num_heads={num_heads}")
+  head_dim = d_model // num_heads
+  proj = lambda name: nn.DenseGeneral(  # noqa: E731
+      (num_heads, head_dim), use_bias=qkv_bias, kernel_init=kernel_init, name=name)
+  return proj("query")(x), proj("key")(x), proj("value")(x)
+
+
+def out_projection(y, d_model: int, *, kernel_init, dropout: float, train: bool):
+  """The 'out' projection (B, N, H, d) -> (B, N, D), then dropout; see `qkv_projections`."""
+  y = nn.DenseGeneral(d_model, axis=(-2, -1), kernel_init=kernel_init, name="out")(y)
+  return nn.Dropout(dropout, deterministic=not train)(y)
+
+
 @register_mixer("mhsa")
 class MultiHeadSelfAttention(nn.Module):
   """Multi-head self-attention with Flax's parameter layout (query/key/value/out DenseGeneral).
@@ -43,14 +64,8 @@ class MultiHeadSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    d_model = x.shape[-1]
-    if d_model % self.num_heads:
-      raise ValueError(f"width {d_model} is not divisible by num_heads={self.num_heads}")
-    head_dim = d_model // self.num_heads
-    proj = lambda name: nn.DenseGeneral(  # noqa: E731
-        (self.num_heads, head_dim), use_bias=self.qkv_bias, kernel_init=self.kernel_init,
-        name=name)
-    q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)  # (B, N, H, d)
-    y = kernels.attention(q, k, v, scale=head_dim ** -0.5, impl=self.attn_impl)
-    y = nn.DenseGeneral(d_model, axis=(-2, -1), kernel_init=self.kernel_init, name="out")(y)
-    return nn.Dropout(self.dropout, deterministic=not train)(y)
+    q, k, v = qkv_projections(x, self.num_heads, qkv_bias=self.qkv_bias,
+                              kernel_init=self.kernel_init)     # (B, N, H, d)
+    y = kernels.attention(q, k, v, scale=q.shape[-1] ** -0.5, impl=self.attn_impl)
+    return out_projection(y, x.shape[-1], kernel_init=self.kernel_init, dropout=self.dropout,
+                          train=train)

@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitjax.models import mixers
 from vitjax.models.registry import register_mixer
 from vitjax.ops import gmm as ops_gmm
 from vitjax.ops import krpe as ops_krpe
@@ -80,18 +81,12 @@ class _Attention(nn.Module):
   kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
 
   def project_in(self, x):
-    d_model = x.shape[-1]
-    if d_model % self.num_heads:
-      raise ValueError(f"width {d_model} is not divisible by num_heads={self.num_heads}")
-    head_dim = d_model // self.num_heads
-    proj = lambda name: nn.DenseGeneral(  # noqa: E731
-        (self.num_heads, head_dim), use_bias=self.qkv_bias, kernel_init=self.kernel_init,
-        name=name)
-    return proj("query")(x), proj("key")(x), proj("value")(x)     # (B, N, H, d) each
+    return mixers.qkv_projections(x, self.num_heads, qkv_bias=self.qkv_bias,
+                                  kernel_init=self.kernel_init)  # (B, N, H, d) each
 
   def project_out(self, y, d_model: int, train: bool):
-    y = nn.DenseGeneral(d_model, axis=(-2, -1), kernel_init=self.kernel_init, name="out")(y)
-    return nn.Dropout(self.dropout, deterministic=not train)(y)
+    return mixers.out_projection(y, d_model, kernel_init=self.kernel_init, dropout=self.dropout,
+                                 train=train)
 
 
 @register_mixer("krpe_fft")
