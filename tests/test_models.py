@@ -50,14 +50,9 @@ def test_vit_param_counts(name):
 
 def test_every_registered_model_has_a_pinned_count():
   """Each family's test file pins its models; this guards against a registration nobody counts."""
-  import tests.test_models as me  # noqa: F401  pylint: disable=g-import-not-at-top
   pinned = set(VIT_COUNTS)
   for mod in ("test_lookupvit", "test_spectformer_hornet"):
-    try:
-      m = __import__(f"tests.{mod}", fromlist=["PINNED_COUNTS"])
-      pinned |= set(getattr(m, "PINNED_COUNTS", {}))
-    except ImportError:
-      pass
+    pinned |= set(__import__(f"tests.{mod}", fromlist=["PINNED_COUNTS"]).PINNED_COUNTS)
   missing = [n for n in vitjax.list_models() if n not in pinned]
   assert not missing, f"registered models without a pinned parameter count: {missing}"
 
