@@ -5,12 +5,14 @@ import signal
 import subprocess
 import sys
 
+from absl import flags
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from ml_collections import config_flags
 
 from tests import fixtures
 import vitjax
@@ -192,3 +194,15 @@ def test_config_resolves_against_the_package(tmp_path):
   assert resolved.endswith(os.path.join("vitjax", "configs", "lookupvit.py:runlocal"))
   assert os.path.exists(resolved.rsplit(":", 1)[0])
   assert main.default_workdir("configs/vit.py") == os.path.join("runs", "vit")
+
+
+def test_grids_can_be_overridden_on_the_command_line():
+  """`--config.grids="((3, 3), (5, 5))"` parses (a list-typed field could not be overridden)."""
+  from vitjax import main  # pylint: disable=g-import-not-at-top
+  argv = [sys.argv[0], "--config=" + main.resolve_config_arg("configs/lookupvit.py"),
+          "--config.grids=((3, 3), (5, 5))", "--config.eval_grids=((2, 2),)"]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+  fv(argv)
+  assert [tuple(g) for g in fv.config.grids] == [(3, 3), (5, 5)]
+  assert [tuple(g) for g in fv.config.eval_grids] == [(2, 2)]

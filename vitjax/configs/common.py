@@ -79,8 +79,8 @@ def base_config() -> mlc.ConfigDict:
   c.keep_checkpoints = 2
   c.init_from = ""                    # a parameter checkpoint (vitjax.convert output) to fine-tune from
   c.init_from_skip = "^head/"         # regex of params that keep their fresh init when loading init_from
-  c.grids = []                        # LookupViT: compressed grids sampled per training step
-  c.eval_grids = []                   # LookupViT: grids evaluated with the same params
+  c.grids = ()                        # LookupViT: compressed grids sampled per training step
+  c.eval_grids = ()                   # LookupViT: grids evaluated with the same params
   c.distributed = False               # True: call jax.distributed.initialize() (multi-host)
   return c
 

@@ -22,15 +22,15 @@ def get_config(arg=None):
   c.model_name = "lookupvit_nano4"
   c.model = common.model_overrides(lookup_mlp_ratio=0.5, head_source="compressed", width=96,
                                    depth=3, num_heads=3, mlp_dim=384)
-  c.grids = [(3, 3), (4, 4), (5, 5)]
-  c.eval_grids = [(3, 3), (4, 4), (5, 5)]
+  c.grids = ((3, 3), (4, 4), (5, 5))
+  c.eval_grids = ((3, 3), (4, 4), (5, 5))
   common.fashion_mnist_recipe(c)
   if arg.imagenet:
     steps_per_epoch = 1251  # 1,281,167 images / batch 1024
     c.model_name = "lookupvit_b16"
     c.model = common.model_overrides(lookup_mlp_ratio=0.5, head_source="compressed", drop_path=0.1)
-    c.grids = [(3, 3), (5, 5), (7, 7), (10, 10)]
-    c.eval_grids = [(3, 3), (5, 5), (7, 7), (10, 10)]
+    c.grids = ((3, 3), (5, 5), (7, 7), (10, 10))
+    c.eval_grids = ((3, 3), (5, 5), (7, 7), (10, 10))
     c.data = common.imagenet_data()
     c.total_steps = 300 * steps_per_epoch
     c.batch_size = 1024
