@@ -75,6 +75,28 @@ def test_lookupvit_bad_grids(fmnist, tmp_path, grids, match):
     train.train_and_evaluate(c, str(tmp_path))
 
 
+@pytest.mark.parametrize("weights", [(1.0,), (1.0, -1.0), (0.0, 0.0), (1.0, float("nan"))])
+def test_bad_grid_weights_name_the_field(weights):
+  c = get_config("lookupvit")
+  c.grids, c.grid_weights = ((3, 3), (5, 5)), weights
+  with pytest.raises(ValueError, match=r"config.grid_weights"):
+    train.grid_probabilities(c, len(c.grids))
+
+
+def test_grid_sampling_follows_the_weights_and_is_a_function_of_the_step():
+  c = get_config("lookupvit")
+  c.grids, c.grid_weights = ((3, 3), (4, 4), (5, 5)), (1.0, 0.0, 3.0)
+  grids = [tuple(g) for g in c.grids]
+  probs = train.grid_probabilities(c, len(grids))
+  drawn = [train.sample_grid(grids, probs, 0, step) for step in range(1, 4001)]
+  assert drawn.count((4, 4)) == 0
+  assert abs(drawn.count((5, 5)) / len(drawn) - 0.75) < 0.03
+  assert drawn[:50] == [train.sample_grid(grids, probs, 0, step) for step in range(1, 51)]
+  c.grid_weights = ()
+  uniform = train.grid_probabilities(c, len(grids))
+  assert list(uniform) == pytest.approx([1 / 3] * 3)
+
+
 def test_vit_rejects_grids(fmnist, tmp_path):
   c = get_config("vit", "runlocal")
   c.data.source_dir, c.data.data_dir = fmnist

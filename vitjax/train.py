@@ -39,14 +39,30 @@ def model_grids(model, config) -> tuple[list, list]:
   grids = [tuple(int(v) for v in g) for g in config.grids]
   eval_grids = [tuple(int(v) for v in g) for g in config.eval_grids] or grids
   if not takes_grid:
-    if grids or eval_grids:
-      raise ValueError(f"config.grids / config.eval_grids are set, but model_name="
-                       f"{config.model_name!r} has no compressed-token grid; leave them empty")
+    if grids or eval_grids or config.get("grid_weights"):
+      raise ValueError(f"config.grids / config.eval_grids / config.grid_weights are set, but "
+                       f"model_name={config.model_name!r} has no compressed-token grid; leave them "
+                       "empty")
     return [None], [None]
   if not grids:
     raise ValueError(f"config.grids is empty: model_name={config.model_name!r} needs at least one "
-                     "compressed grid (h, w) to train with, e.g. [(3, 3), (5, 5), (7, 7)]")
+                     "compressed grid (h, w) to train with, e.g. ((3, 3), (5, 5), (7, 7))")
   return grids, eval_grids
+
+
+def grid_probabilities(config, num_grids: int) -> np.ndarray:
+  """Per-step sampling probabilities of config.grids: config.grid_weights normalised, or uniform."""
+  weights = tuple(config.get("grid_weights") or ()) or (1.0,) * num_grids
+  w = np.asarray(weights, np.float64)
+  if len(w) != num_grids or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+    raise ValueError(f"config.grid_weights={tuple(weights)!r}: give one non-negative weight per entry "
+                     f"of config.grids ({num_grids}), not all zero, or () for uniform sampling")
+  return w / w.sum()
+
+
+def sample_grid(grids: list, probs: np.ndarray, seed: int, step: int):
+  """The grid of one training step: a pure function of (seed, step), so a resumed run draws the same."""
+  return grids[np.random.default_rng([seed, step]).choice(len(grids), p=probs)]
 
 
 def _apply(model, params, images, grid, **kw):
@@ -158,6 +174,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   info = vdata.dataset_info(config.data)
   model = create_model(config.model_name, num_classes=info.num_classes, **config.model.to_dict())
   grids, eval_grids = model_grids(model, config)
+  grid_probs = grid_probabilities(config, len(grids))
   tx, schedule = optim.make_optimizer(config)
 
   key = jax.random.key(config.seed)
@@ -226,7 +243,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   t_log, step_log = time.time(), start
   try:
     for step in range(start + 1, config.total_steps + 1):
-      grid = grids[np.random.default_rng([config.seed, step]).integers(len(grids))]
+      grid = sample_grid(grids, grid_probs, config.seed, step)
       state, loss = train_step(state, to_global(next(train_iter)), dropout_key, grid=grid)
       losses.append(loss)
       is_ckpt = step % config.checkpoint_every_steps == 0 or step == config.total_steps

@@ -81,6 +81,8 @@ def base_config() -> mlc.ConfigDict:
   c.init_from_skip = "^head/"         # regex of params that keep their fresh init when loading init_from
   c.grids = ()                        # LookupViT: compressed grids sampled per training step
   c.eval_grids = ()                   # LookupViT: grids evaluated with the same params
+  c.grid_weights = ()                 # LookupViT: relative sampling weight of each entry of grids;
+  #                                     () = uniform
   c.distributed = False               # True: call jax.distributed.initialize() (multi-host)
   return c
 

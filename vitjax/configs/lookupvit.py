@@ -21,7 +21,8 @@ def get_config(arg=None):
   # 3x3 to 5x5 compressed tokens.
   c.model_name = "lookupvit_nano4"
   c.model = common.model_overrides(lookup_mlp_ratio=0.5, head_source="compressed", width=96,
-                                   depth=3, num_heads=3, mlp_dim=384)
+                                   depth=3, num_heads=3, mlp_dim=384, lookup_postnorm=False,
+                                   compress_resize="bilinear")
   c.grids = ((3, 3), (4, 4), (5, 5))
   c.eval_grids = ((3, 3), (4, 4), (5, 5))
   common.fashion_mnist_recipe(c)
