@@ -2,6 +2,8 @@
 
     python -m experiments.fashion_mnist_jobs [--jobs=vit,lookupvit] [--out=experiments/results]
 
+Jobs left out of --jobs keep the result recorded in OUT/fashion_mnist_jobs.json.
+
 Each job is the runner's documented command, `python -m vitjax.main --config=configs/NAME.py`, started in a fresh
 workdir as a subprocess and timed from start to exit (imports, compiles, training, evals and checkpoints
 included). The dataset is prepared once beforehand so that neither job pays for building it. Prints a markdown
@@ -66,6 +68,11 @@ def main(argv):
   from vitjax.configs import common  # pylint: disable=g-import-not-at-top
   data.dataset_info(common.data_config())  # Build Fashion-MNIST once, outside the timed jobs.
   results = [run_job(j) for j in _JOBS.value]
+  # Jobs not re-run keep their last recorded result, so the table always lists every job.
+  path = os.path.join(out, "fashion_mnist_jobs.json")
+  if os.path.exists(path):
+    ran = {r["job"] for r in results}
+    results = [r for r in json.load(open(path)) if r["job"] not in ran] + results
   lines = ["| job | command | steps | wall time | test accuracy | GMACs/image |", "|---|---|---|---|---|---|"]
   for r in results:
     f = r["final"]

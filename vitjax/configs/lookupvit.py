@@ -1,7 +1,7 @@
 """LookupViT (Koner et al., ECCV 2024), trained with several compressed-token grids at once.
 
 The default is the main job: a small LookupViT on Fashion-MNIST, a grid drawn per training step from
-`grids`, and every grid in `eval_grids` evaluated with the same parameters.
+`grids` (weighted by `grid_weights`), and every grid in `eval_grids` evaluated with the same parameters.
 
     python -m vitjax.main --config=configs/lookupvit.py
     python -m vitjax.main --config=configs/lookupvit.py:runlocal     # a few steps, for a smoke test
@@ -26,7 +26,14 @@ def get_config(arg=None):
   c.grids = ((3, 3), (4, 4), (5, 5))
   c.eval_grids = ((3, 3), (4, 4), (5, 5))
   common.fashion_mnist_recipe(c)
+  # The ViT job's budget, with the largest grid drawn 3 times as often as each smaller one: spreading the
+  # steps evenly over the grids cost the largest one a point in short runs (experiments/lookupvit/README.md
+  # has the ablations). Evals every 1250 steps, each at every grid.
+  c.grid_weights = (1.0, 1.0, 3.0)
+  c.eval_every_steps = 1250
+  c.checkpoint_every_steps = 1250
   if arg.imagenet:
+    c.grid_weights = ()
     steps_per_epoch = 1251  # 1,281,167 images / batch 1024
     c.model_name = "lookupvit_b16"
     c.model = common.model_overrides(lookup_mlp_ratio=0.5, head_source="compressed", drop_path=0.1)
