@@ -200,9 +200,11 @@ def test_grids_can_be_overridden_on_the_command_line():
   """`--config.grids="((3, 3), (5, 5))"` parses (a list-typed field could not be overridden)."""
   from vitjax import main  # pylint: disable=g-import-not-at-top
   argv = [sys.argv[0], "--config=" + main.resolve_config_arg("configs/lookupvit.py"),
-          "--config.grids=((3, 3), (5, 5))", "--config.eval_grids=((2, 2),)"]
+          "--config.grids=((3, 3), (5, 5))", "--config.eval_grids=((2, 2),)",
+          "--config.grid_weights=(1.0, 3.0)"]
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
   fv(argv)
   assert [tuple(g) for g in fv.config.grids] == [(3, 3), (5, 5)]
   assert [tuple(g) for g in fv.config.eval_grids] == [(2, 2)]
+  assert tuple(fv.config.grid_weights) == (1.0, 3.0)
