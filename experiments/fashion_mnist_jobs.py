@@ -80,6 +80,7 @@ def main(argv):
   if os.path.exists(path):
     ran = {r["job"] for r in results}
     results = [r for r in json.load(open(path)) if r["job"] not in ran] + results
+  vit = next((x for x in results if x["job"] == "vit"), None)  # the reference point of the plot
   lines = ["| job | command | steps | wall time | test accuracy | GMACs/image |", "|---|---|---|---|---|---|"]
   for r in results:
     f = r["final"]
@@ -93,7 +94,6 @@ def main(argv):
     lines.append(f"| {r['job']} | `{r['command']}` | {r['steps']} | {r['wall_sec'] / 60:.1f} min | "
                  f"{acc} | {macs} |")
     if grids:
-      vit = next((x for x in results if x["job"] == "vit"), None)
       plot_lookup(r, os.path.join(out, f"{r['job']}_accuracy_vs_gmacs.png"), vit)
   table = "\n".join(lines)
   print(table)

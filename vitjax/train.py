@@ -52,7 +52,7 @@ def model_grids(model, config) -> tuple[list, list]:
 
 def grid_probabilities(config, num_grids: int) -> np.ndarray:
   """Per-step sampling probabilities of config.grids: config.grid_weights normalised, or uniform."""
-  weights = tuple(config.get("grid_weights") or ()) or (1.0,) * num_grids
+  weights = tuple(config.get("grid_weights", ())) or (1.0,) * num_grids
   w = np.asarray(weights, np.float64)
   if len(w) != num_grids or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
     raise ValueError(f"config.grid_weights={tuple(weights)!r}: give one non-negative weight per entry "
