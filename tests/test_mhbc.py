@@ -108,3 +108,74 @@ def test_one_or_few_compressed_tokens(m):
   assert out.shape == (B, N, H, DV)
   if m == 1:
     np.testing.assert_allclose(out, jnp.broadcast_to(v_p, out.shape), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------ absorbed forms
+
+WIDTH = 6   # model width of the absorbed tests; per-head width D, value width DV as above
+
+
+def _absorbed_inputs(seed=5):
+  ks = jax.random.split(jax.random.key(seed), 9)
+  q_p = jax.random.normal(ks[0], (B, M, H, D))
+  x_l = jax.random.normal(ks[1], (B, N, WIDTH))                 # normalised lookup tokens
+  w_k = jax.random.normal(ks[2], (WIDTH, H, D))
+  b_k = jax.random.normal(ks[3], (H, D))
+  w_v = jax.random.normal(ks[4], (WIDTH, H, DV))
+  b_v = jax.random.normal(ks[5], (H, DV))
+  v_p = jax.random.normal(ks[6], (B, M, H, DV))
+  w_o = jax.random.normal(ks[7], (H, DV, WIDTH))
+  return q_p, x_l, w_k, b_k, w_v, b_v, v_p, w_o
+
+
+def _absorbed(q_p, x_l, w_k, b_k, w_v, b_v, v_p, w_o, scale):
+  logits = mhbc.absorbed_logits(q_p, x_l, w_k, b_k, scale=scale)
+  return (mhbc.gather_absorbed(logits, x_l, w_v, b_v), mhbc.propagate_absorbed(logits, v_p, w_o),
+          logits)
+
+
+def _projected_reference(q_p, x_l, w_k, b_k, w_v, b_v, v_p, w_o, scale):
+  """Keys and values projected per token with explicit matrix products, then the dense reference."""
+  k_l = jnp.stack([x_l[:, :, :] @ w_k[:, h, :] + b_k[h] for h in range(H)], axis=2)
+  v_l = jnp.stack([x_l[:, :, :] @ w_v[:, h, :] + b_v[h] for h in range(H)], axis=2)
+  to_p, to_l, logits = _reference(q_p, k_l, v_l, v_p, scale)
+  return to_p, sum(to_l[:, :, h, :] @ w_o[h] for h in range(H)), logits
+
+
+def test_absorbed_forms_match_projected_reference():
+  """Same logits, same gather messages (bias included), same propagate output after W_ol."""
+  args = _absorbed_inputs()
+  got = _absorbed(*args, scale=0.4)
+  want = _projected_reference(*args, scale=0.4)
+  for g, w, shape in zip(got, want, [(B, M, H, DV), (B, N, WIDTH), (B, H, M, N)]):
+    assert g.shape == shape
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4)
+
+
+def test_absorbed_key_bias_matters_only_for_propagate():
+  """q b_k is constant along N: gather ignores it, propagate (softmax over M) does not."""
+  q_p, x_l, w_k, b_k, w_v, b_v, v_p, w_o = _absorbed_inputs(6)
+  with_bias = _absorbed(q_p, x_l, w_k, b_k, w_v, b_v, v_p, w_o, scale=0.4)
+  without = _absorbed(q_p, x_l, w_k, None, w_v, b_v, v_p, w_o, scale=0.4)
+  np.testing.assert_allclose(with_bias[0], without[0], rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(with_bias[1] - without[1]).max()) > 1e-2
+
+
+def test_absorbed_gradients_match_projected_reference():
+  args = _absorbed_inputs(7)
+  kp, kl = jax.random.split(jax.random.key(8))
+  w_p = jax.random.normal(kp, (B, M, H, DV))
+  w_l = jax.random.normal(kl, (B, N, WIDTH))
+
+  def functional(fn):
+    def f(*a):
+      to_p, to_l = fn(*a, scale=0.4)[:2]
+      return jnp.sum(w_p * to_p) + jnp.sum(w_l * to_l)
+    return f
+
+  argnums = tuple(range(8))
+  got = jax.grad(functional(_absorbed), argnums=argnums)(*args)
+  want = jax.grad(functional(_projected_reference), argnums=argnums)(*args)
+  for g, w in zip(got, want):
+    assert float(jnp.abs(g).max()) > 0
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)

@@ -1,6 +1,7 @@
 """LookupViT-B/16 vs ViT-B/16 at 224 px: GMACs (XLA and analytic), parameters, CPU images/s.
 
     python -m experiments.lookupvit.flops [--batch 8] [--repeats 7] [--grids 3,5,7,10]
+        [--impls auto,project]
 
 GMACs = multiply-accumulates (10^9), the unit the ViT literature calls "GFLOPs"; XLA's
 `cost_analysis()['flops']` counts 2 per multiply-add, so XLA GMACs = flops / 2 / batch.
@@ -8,6 +9,9 @@ The analytic column is `vitjax.models.lookupvit.analytic_macs` (matmuls only). W
 head_source='compressed' the last block's propagate step and lookup MLP feed nothing; XLA
 removes them under jit, so the analytic column compared with XLA leaves them out, and the
 "with dead" column shows the count that includes them.
+LookupViT runs once per `mhbc_impl` in --impls: 'auto' (the default, which absorbs MHBC's
+lookup-side weights where that pays) and 'project' (MHBC as the paper writes it, the form the
+reference notes' formula counts); the two are the same function of the same weights.
 Throughput: both models run in this process on the same random batch, with timed calls
 interleaved across models and the median taken, so load from other processes hits all alike.
 Weights are random normals (values do not change the work done); nothing is downloaded.
@@ -52,17 +56,21 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--grids", default="3,5,7,10")
   parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--impls", default="auto,project", help="LookupViT mhbc_impl values")
   args = parser.parse_args(argv)
   grids = [int(g) for g in args.grids.split(",")]
   size, batch = args.image_size, args.batch
 
   images = jnp.asarray(np.random.default_rng(1).normal(size=(batch, size, size, 3)), jnp.float32)
   vit = vitjax.create_model("vit_b16")
-  lookup = vitjax.create_model("lookupvit_b16")
+  lookups = {impl: vitjax.create_model("lookupvit_b16", mhbc_impl=impl)
+             for impl in args.impls.split(",")}
+  lookup_vars = random_variables(next(iter(lookups.values())), images)   # one tree for every impl
   rows = []  # name, grid, model, variables, compiled fn
-  for name, model, grid in [("vit_b16", vit, None)] + [("lookupvit_b16", lookup, (g, g))
-                                                       for g in grids]:
-    variables = rows[-1][3] if rows and rows[-1][2] is model else random_variables(model, images)
+  for name, model, grid in [("vit_b16", vit, None)] + [
+      (f"lookupvit_b16 ({impl})", lookup, (g, g)) for impl, lookup in lookups.items()
+      for g in grids]:
+    variables = random_variables(model, images) if grid is None else lookup_vars
     fn = functools.partial(model.apply, grid=grid) if grid else model.apply
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(variables, images).compile()
@@ -81,13 +89,13 @@ def main(argv=None):
   base = rows[0]
   base_ips = batch / statistics.median(base[6])
   print(f"Command: python -m experiments.lookupvit.flops --batch {batch} "
-        f"--repeats {args.repeats} --grids {args.grids}")
+        f"--repeats {args.repeats} --grids {args.grids} --impls {args.impls}")
   print(f"jax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPUs "
         f"({platform.processor() or platform.machine()}), float32, batch {batch}, {size} px.")
   print("GMACs = multiply-accumulates (10^9) per image; XLA = cost_analysis flops / 2. "
         "Analytic counts matmuls only; 'live' leaves out the last block's dead lookup work "
         "(XLA removes it under jit), 'with dead' includes it.\n")
-  print("| model | compressed grid (M) | params | GMACs (XLA) | GMACs analytic, live "
+  print("| model (mhbc_impl) | compressed grid (M) | params | GMACs (XLA) | GMACs analytic, live "
         "| XLA / analytic | GMACs analytic, with dead | GMACs vs ViT | images/s (median) "
         "| s/batch median (min-max) | speed vs ViT |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -100,7 +108,9 @@ def main(argv=None):
     else:
       live = lv.analytic_macs(model, size, grid, include_dead=False)
       dead = lv.analytic_macs(model, size, grid, include_dead=True)
-      grid_txt = f"{grid[0]}x{grid[1]} ({grid[0] * grid[1]})"
+      m, n = grid[0] * grid[1], (size // model.patch_size) ** 2
+      absorbed = lv.use_absorbed(model.mhbc_impl, m, n, model.width, model.num_heads)
+      grid_txt = f"{grid[0]}x{grid[1]} ({m}){', absorbed' if absorbed else ''}"
     print(f"| {name} | {grid_txt} | {params:,} | {macs / 1e9:.2f} | {live / 1e9:.2f} "
           f"| {macs / live:.3f} | {dead / 1e9:.2f} | {macs / base[5]:.2f}x | {ips:.2f} "
           f"| {statistics.median(times):.2f} ({min(times):.2f}-{max(times):.2f}) "

@@ -85,3 +85,54 @@ def bidirectional_cross_attention(q_p, k_l, v_l, v_p, *, scale):
   """
   logits = mhbc_logits(q_p, k_l, scale=scale)
   return gather(logits, v_l), propagate(logits, v_p), logits
+
+
+# Weight-absorbed forms. With few compressed tokens the lookup-side projections (W_k, W_vl on
+# all N lookup tokens, W_ol back onto them: 3 N D^2 per block) dominate the cost. Associating the
+# products the other way moves them onto the M compressed tokens, at the price of per-head
+# contractions over the full width D:
+#   S_h        = (q_h W_k,h^T) x_l^T + q_h b_k,h                  (no K_l is formed)
+#   A_g,h V_l,h = (A_g,h x_l) W_vl,h + b_vl,h                      (rows of A_g sum to 1)
+#   sum_h A_p,h^T V_p,h W_ol,h = sum_h A_p,h^T (V_p,h W_ol,h)      (one contraction over h and m)
+# Per block this costs 2 M D^2 + 2 H N M D (gather) and 2 M D^2 + H N M D (propagate) instead of
+# 2 N D^2 + 2 N M D and M D^2 + N M D + N D^2: fewer multiply-adds when M (D + (H - 1) N) < N D.
+# The math and the parameters are the same as the projected form (tests/test_mhbc.py).
+
+
+def absorbed_logits(q_p, x_l, w_k, b_k, *, scale):
+  """mhbc_logits(q_p, x_l W_k + b_k) without forming the keys.
+
+  Args:
+    q_p: (B, M, H, d) compressed-token queries.
+    x_l: (B, N, D) (normalised) lookup tokens, the input of the key projection.
+    w_k: (D, H, d) key kernel; b_k: (H, d) key bias or None.
+    scale: logit scale, 1 / sqrt(d).
+
+  Returns:
+    (B, H, M, N) logits.
+  """
+  q_p = q_p * jnp.asarray(scale, q_p.dtype)
+  q_k = jnp.einsum("bmhd,Dhd->bhmD", q_p, w_k)                      # (B, H, M, D)
+  logits = jnp.einsum("bhmD,bnD->bhmn", q_k, x_l)
+  if b_k is not None:
+    logits = logits + jnp.einsum("bmhd,hd->bhm", q_p, b_k)[..., None]
+  return logits
+
+
+def gather_absorbed(logits, x_l, w_v, b_v):
+  """gather(logits, x_l W_v + b_v) without forming the lookup values: (B, M, H, d)."""
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  e = jnp.exp(logits - m)                                           # (B, H, M, N)
+  mixed = jnp.einsum("bhmn,bnD->bhmD", e, x_l) / jnp.sum(e, axis=-1)[..., None]
+  out = jnp.einsum("bhmD,Dhd->bmhd", mixed, w_v)
+  return out if b_v is None else out + b_v
+
+
+def propagate_absorbed(logits, v_p, w_o):
+  """Output projection of propagate(logits, v_p), without bias: (B, N, D).
+
+  Equal to einsum('bnhd,hdD->bnD', propagate(logits, v_p), w_o); the per-head values are mapped
+  to the output width first, on the M compressed tokens, then mixed onto the N lookup tokens.
+  """
+  u = jnp.einsum("bmhd,hdD->bhmD", v_p, w_o)                         # (B, H, M, D)
+  return jnp.einsum("bhmn,bhmD->bnD", propagate_weights(logits), u)
