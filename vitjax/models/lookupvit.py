@@ -91,7 +91,8 @@ def _heads(x, num_heads: int, field: str) -> int:
 
 
 class HeadDense(nn.Module):
-  """The kernel and bias of `nn.DenseGeneral(features)` over `axis`, without applying them.
+  """The kernel (in_shape + features) and bias (features) that `nn.DenseGeneral` would create to map
+  the trailing `in_shape` axes to `features`, returned rather than applied.
 
   MHBC's absorbed form (`vitjax.ops.mhbc`) needs the weights themselves; this owns them under the
   names, shapes and initialisers DenseGeneral uses, so both forms share one parameter tree.
