@@ -11,6 +11,8 @@ The default is the main job: a small LookupViT on Fashion-MNIST, a grid drawn pe
 DeiT-style recipe: AdamW, lr 5e-4 x batch/512, weight decay 0.05, 5 warmup epochs, cosine over 300 epochs,
 label smoothing 0.1, stochastic depth 0.1, random crop + flip (vitjax has no RandAugment / Mixup yet).
 """
+import ml_collections as mlc
+
 from vitjax.configs import common
 
 
@@ -22,7 +24,8 @@ def get_config(arg=None):
   c.model_name = "lookupvit_nano4"
   c.model = common.model_overrides(lookup_mlp_ratio=0.5, head_source="compressed", width=96,
                                    depth=3, num_heads=3, mlp_dim=384, lookup_postnorm=False,
-                                   compress_resize="bilinear")
+                                   compress_resize="bilinear", posemb="learned", mhbc_impl="auto",
+                                   mhbc_heads=mlc.config_dict.placeholder(int))
   c.grids = ((3, 3), (4, 4), (5, 5))
   c.eval_grids = ((3, 3), (4, 4), (5, 5))
   common.fashion_mnist_recipe(c)
