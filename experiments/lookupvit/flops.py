@@ -35,9 +35,9 @@ import vitjax
 from vitjax.models import lookupvit as lv
 
 
-def random_variables(model, images, seed=0):
+def random_variables(model, images, seed=0, **init_kwargs):
   """Random-normal variables with the model's tree (no jit of init: that compile is slow)."""
-  shapes = jax.eval_shape(model.init, jax.random.key(0), images)
+  shapes = jax.eval_shape(functools.partial(model.init, **init_kwargs), jax.random.key(0), images)
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.02, s.shape).astype(s.dtype)), shapes)
 
@@ -65,7 +65,8 @@ def main(argv=None):
   vit = vitjax.create_model("vit_b16")
   lookups = {impl: vitjax.create_model("lookupvit_b16", mhbc_impl=impl)
              for impl in args.impls.split(",")}
-  lookup_vars = random_variables(next(iter(lookups.values())), images)   # one tree for every impl
+  # One tree for every impl and grid; (1, 1) fits any lookup grid (--image_size below 224 included).
+  lookup_vars = random_variables(next(iter(lookups.values())), images, grid=(1, 1))
   rows = []  # name, grid, model, variables, compiled fn
   for name, model, grid in [("vit_b16", vit, None)] + [
       (f"lookupvit_b16 ({impl})", lookup, (g, g)) for impl, lookup in lookups.items()
@@ -109,7 +110,8 @@ def main(argv=None):
       live = lv.analytic_macs(model, size, grid, include_dead=False)
       dead = lv.analytic_macs(model, size, grid, include_dead=True)
       m, n = grid[0] * grid[1], (size // model.patch_size) ** 2
-      absorbed = lv.use_absorbed(model.mhbc_impl, m, n, model.width, model.num_heads)
+      heads = model.mhbc_heads or model.num_heads
+      absorbed = lv.use_absorbed(model.mhbc_impl, m, n, model.width, heads)
       grid_txt = f"{grid[0]}x{grid[1]} ({m}){', absorbed' if absorbed else ''}"
     print(f"| {name} | {grid_txt} | {params:,} | {macs / 1e9:.2f} | {live / 1e9:.2f} "
           f"| {macs / live:.3f} | {dead / 1e9:.2f} | {macs / base[5]:.2f}x | {ips:.2f} "

@@ -1,11 +1,12 @@
 """Train-step time of the Fashion-MNIST main jobs' models, per LookupViT grid, next to the ViT.
 
     python -m experiments.lookupvit.step_time [--batch 128] [--repeats 3] [--grids 3,5,7]
+        [--mhbc_impl auto] [--skip_vit]
 
 Times the jitted train step (forward, loss, backward, AdamW update) on random 28x28 images, in one process:
 the ViT of configs/vit.py, the same ViT on 20x20 images (25 tokens: the cost of LookupViT's compressed path at
 5x5 on its own), and the LookupViT of configs/lookupvit.py at each grid. Prints the best of `repeats` timings
-of 8 steps each, in ms per step.
+of 8 steps each, in ms per step. `--mhbc_impl` picks LookupViT's MHBC evaluation ('auto', 'project', 'absorb').
 """
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ def main():
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--grids", default="3,5,7")
+  parser.add_argument("--mhbc_impl", default="auto", choices=("auto", "project", "absorb"))
+  parser.add_argument("--skip_vit", action="store_true", help="time LookupViT only")
   args = parser.parse_args()
   config = common.base_config()
   common.fashion_mnist_recipe(config)
@@ -56,9 +59,9 @@ def main():
   rows = [("vit (configs/vit.py), 49 tokens", create_model("vit_nano4", num_classes=10, pool="gap", **DIMS),
            None, 28),
           ("vit on 20x20 images, 25 tokens", create_model("vit_nano4", num_classes=10, pool="gap", **DIMS),
-           None, 20)]
-  lookup = create_model("lookupvit_nano4", num_classes=10, **DIMS)
-  rows += [(f"lookupvit (configs/lookupvit.py) at {g}x{g}", lookup, (g, g), 28)
+           None, 20)][2 if args.skip_vit else 0:]
+  lookup = create_model("lookupvit_nano4", num_classes=10, mhbc_impl=args.mhbc_impl, **DIMS)
+  rows += [(f"lookupvit (configs/lookupvit.py, mhbc_impl={args.mhbc_impl}) at {g}x{g}", lookup, (g, g), 28)
            for g in (int(v) for v in args.grids.split(","))]
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, batch {args.batch}\n")
   print("| model | ms per train step |\n|---|---|")

@@ -118,18 +118,23 @@ def _project(x, kernel, bias, num_in: int):
   return y if bias is None else y + bias
 
 
+def mhbc_macs(m: int, n: int, d: int, heads: int, absorb: bool) -> int:
+  """The multiply-adds per block in which MHBC's two forms differ: W_k, W_vl, W_ol and the three
+  N x M products (see `vitjax.ops.mhbc`). The rest of the block is the same in both."""
+  return 3 * m * d * d + 3 * heads * n * m * d if absorb else 3 * n * d * d + 3 * n * m * d
+
+
 def absorb_ratio(m: int, n: int, d: int, heads: int) -> float:
-  """Multiply-adds of MHBC's absorbed form over the projected form's, per block (the parts that
-  differ: W_k, W_vl, W_ol and the three N x M products; see `vitjax.ops.mhbc`)."""
-  projected = 3 * n * d * d + 3 * n * m * d
-  absorbed = 3 * m * d * d + 3 * heads * n * m * d
-  return absorbed / projected
+  """Multiply-adds of MHBC's absorbed form over the projected form's, per block."""
+  return mhbc_macs(m, n, d, heads, True) / mhbc_macs(m, n, d, heads, False)
 
 
 # mhbc_impl='auto' absorbs when that needs at most this fraction of the multiply-adds. The
-# absorbed form's per-head products over the full width run at about 60% of the efficiency of the
-# projections on XLA:CPU, so a smaller count alone is not enough: at ratio ~0.5 (LookupViT-B/16 at
-# 5x5) it is 3-8% faster, at ~0.7 (the 28 px main job at 4x4) 5-10% slower.
+# absorbed form's per-head products over the full width run less efficiently than the projections
+# on XLA:CPU, so a smaller count alone is not enough. LookupViT-B/16 at 5x5 (ratio 0.50) ran 8%
+# faster at batch 8 and level at batch 32 (experiments/lookupvit/flops.py). The main job's model
+# (experiments/lookupvit/step_time.py --mhbc_impl) ran 6% faster absorbed at 3x3 (0.43) and 10% and
+# 28% slower at 4x4 (0.71) and 5x5 (0.97).
 ABSORB_RATIO = 0.55
 MHBC_IMPLS = ("auto", "project", "absorb")
 
@@ -391,7 +396,7 @@ def analytic_macs(model: LookupViT, image_size=None, grid=None, *,
   absorb = use_absorbed(mhbc_impl or model.mhbc_impl, m, n, d, heads)
   r_hidden = model.mlp_dim                                  # r_p D
   l_hidden = max(1, round(model.lookup_mlp_ratio * d))      # r_l D
-  mhbc = 3 * m * d * d + 3 * heads * n * m * d if absorb else 3 * n * d * d + 3 * n * m * d
+  mhbc = mhbc_macs(m, n, d, heads, absorb)
   block = mhbc + 2 * n * d * l_hidden + 7 * m * d * d + 2 * m * d * r_hidden + 2 * m * m * d
   total = model.depth * block
   total += n * 3 * model.patch_size ** 2 * d                # patch embedding (RGB)
