@@ -79,7 +79,8 @@ def main(argv):
   path = os.path.join(out, "fashion_mnist_jobs.json")
   if os.path.exists(path):
     ran = {r["job"] for r in results}
-    results = [r for r in json.load(open(path)) if r["job"] not in ran] + results
+    with open(path) as fh:
+      results = [r for r in json.load(fh) if r["job"] not in ran] + results
   vit = next((x for x in results if x["job"] == "vit"), None)  # the reference point of the plot
   lines = ["| job | command | steps | wall time | test accuracy | GMACs/image |", "|---|---|---|---|---|---|"]
   for r in results:

@@ -120,7 +120,8 @@ def _project(x, kernel, bias, num_in: int):
 
 def mhbc_macs(m: int, n: int, d: int, heads: int, absorb: bool) -> int:
   """The multiply-adds per block in which MHBC's two forms differ: W_k, W_vl, W_ol and the three
-  N x M products (see `vitjax.ops.mhbc`). The rest of the block is the same in both."""
+  N x M products (see `vitjax.ops.mhbc`). The rest of the block is the same in both. In either
+  form a third of it is the propagate step (W_ol and one N x M product), two thirds gather."""
   return 3 * m * d * d + 3 * heads * n * m * d if absorb else 3 * n * d * d + 3 * n * m * d
 
 
@@ -139,9 +140,13 @@ ABSORB_RATIO = 0.55
 MHBC_IMPLS = ("auto", "project", "absorb")
 
 
-def use_absorbed(impl: str, m: int, n: int, d: int, heads: int) -> bool:
+def check_mhbc_impl(impl: str):
   if impl not in MHBC_IMPLS:
     raise ValueError(f"Unknown mhbc_impl={impl!r}. Allowed values: {', '.join(MHBC_IMPLS)}.")
+
+
+def use_absorbed(impl: str, m: int, n: int, d: int, heads: int) -> bool:
+  check_mhbc_impl(impl)
   return impl == "absorb" or (impl == "auto" and absorb_ratio(m, n, d, heads) <= ABSORB_RATIO)
 
 
@@ -309,9 +314,7 @@ class LookupViT(nn.Module):
     if not (isinstance(heads, int) and heads > 0 and self.width % heads == 0):
       raise ValueError(f"mhbc_heads={self.mhbc_heads!r} must be a positive divisor of "
                        f"width={self.width} (or None: num_heads)")
-    if self.mhbc_impl not in MHBC_IMPLS:
-      raise ValueError(f"Unknown mhbc_impl={self.mhbc_impl!r}. "
-                       f"Allowed values: {', '.join(MHBC_IMPLS)}.")
+    check_mhbc_impl(self.mhbc_impl)
     if not isinstance(self.lookup_postnorm, bool):
       raise ValueError(f"lookup_postnorm must be True or False, got {self.lookup_postnorm!r}")
     if self.grid is not None and min(_pair(self.grid, "grid")) < 1:
@@ -403,10 +406,8 @@ def analytic_macs(model: LookupViT, image_size=None, grid=None, *,
   total += (h_p * lookup[0] * lookup[1] + m * lookup[1]) * d  # separable resize
   total += d * model.num_classes
   if not include_dead and model.head_source == "compressed":
-    # Last block: V_p (M D^2), the propagate step, the lookup MLP. Projected, the propagate step is
-    # N M D + W_ol's N D^2; absorbed, W_ol's M D^2 + H N M D.
-    propagate = m * d * d + heads * n * m * d if absorb else n * m * d + n * d * d
-    total -= m * d * d + propagate + 2 * n * d * l_hidden
+    # Last block: V_p (M D^2), the propagate step (a third of `mhbc`), the lookup MLP.
+    total -= m * d * d + mhbc // 3 + 2 * n * d * l_hidden
   return total
 
 

@@ -121,9 +121,7 @@ def absorbed_logits(q_p, x_l, w_k, b_k, *, scale):
 
 def gather_absorbed(logits, x_l, w_v, b_v):
   """gather(logits, x_l W_v + b_v) without forming the lookup values: (B, M, H, d)."""
-  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  e = jnp.exp(logits - m)                                           # (B, H, M, N)
-  mixed = jnp.einsum("bhmn,bnD->bhmD", e, x_l) / jnp.sum(e, axis=-1)[..., None]
+  mixed = softmax_weighted_sum(logits, x_l[:, None])                # (B, H, M, D); x_l shared by heads
   out = jnp.einsum("bhmD,Dhd->bmhd", mixed, w_v)
   return out if b_v is None else out + b_v
 
