@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import vitjax
+from vitjax.models import layers
 from vitjax.models import lookupvit as lv
 from vitjax.models.backbone import Tokens
 from vitjax.ops import resize
@@ -347,7 +348,7 @@ def test_sincos_positions_have_no_parameters():
   model = _tiny(posemb="sincos2d")
   variables = jax.eval_shape(model.init, KEY, IMAGES)
   assert "pos_embedding" not in variables["params"]
-  pe = lv.posemb_sincos_2d(3, 4, 8)
+  pe = layers.posemb_sincos_2d(3, 4, 8)
   # Channel 0 is sin(x * 1), channel 4 is sin(y * 1).
   np.testing.assert_allclose(pe[0, 2, 3, 0], np.sin(3.0), rtol=1e-6)
   np.testing.assert_allclose(pe[0, 2, 3, 4], np.sin(2.0), rtol=1e-6)

@@ -42,8 +42,9 @@ def test_vit_param_counts(name):
   size, pinned = VIT_COUNTS[name]
   model = vitjax.create_model(name)
   got = count_params(model, size)
-  patch, width, depth, mlp, _ = vitjax.models.vit.VARIANTS[name]
-  assert got == _analytic_vit(patch, width, depth, mlp, (size // patch) ** 2)
+  v = vitjax.models.vit.VARIANTS[name]
+  assert got == _analytic_vit(v["patch_size"], v["width"], v["depth"], v["mlp_dim"],
+                              (size // v["patch_size"]) ** 2)
   if pinned is not None:
     assert got == pinned
 

@@ -1,21 +1,31 @@
-"""The one backbone: a token carry, a block registry and a mixer registry (DESIGN.md, decision 3).
+"""The one backbone (DESIGN.md, decisions 3, 10 and 11): a token carry, blocks and mixers by
+registry, and stages.
 
-  Tokens  - the carry: the main stream `x` (B, N, D), its static layout (`grid`, `num_prefix`)
-            and `extra`, a dict of other streams (LookupViT keeps its lookup tokens there).
-  Block   - `block(tokens, *, train) -> tokens`; registered in BLOCKS. 'vit' is the pre-norm
-            Transformer block whose token mixer is any registered MIXER.
-  Encoder - a stack of blocks over the carry (vit_jax's `Transformer`, same param names).
+  Tokens         - the carry: the main stream `x` (B, N, D), its static layout (`grid`,
+                   `num_prefix`) and `extra`, a dict of other streams (LookupViT's lookup tokens).
+  EncoderBlock   - block 'vit', the pre-norm Transformer block around any registered MIXER.
+  StageSpec      - one stage: an optional downsampling layer, then `depth` blocks of `width`.
+  run_stages     - THE loop over stages and blocks (drop-path schedule, names, features);
+                   every model runs its blocks through it.
+  Encoder        - the isotropic case: learned positions, one or more stages without
+                   downsampling, final norm (vit_jax's `Transformer`, same parameter names).
+  MultiStageModel- the hierarchical case: stem -> stages -> pooling -> head. A family declares
+                   its stem, its stage specs and its pooling; it holds no loop of its own.
+  Classifier     - the contract every registered model keeps: `apply(..., features=True)`,
+                   `num_classes=0` for a headless model, `feature_info()`.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable, ClassVar, Collection, Mapping, NamedTuple, Sequence
 
 import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax.models import layers
-from vitjax.models.registry import get_block, get_mixer, register_block
+from vitjax.models.registry import (display_name, get_block, get_downsample, get_mixer,
+                                    register_block)
 
 
 @flax.struct.dataclass
@@ -26,16 +36,37 @@ class Tokens:
   grid: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
   num_prefix: int = flax.struct.field(pytree_node=False, default=0)
 
+  @classmethod
+  def from_map(cls, x, **kw) -> "Tokens":
+    """(B, h, w, D) map -> carry of h*w patch tokens with grid (h, w)."""
+    b, h, w, d = x.shape
+    return cls(x.reshape(b, h * w, d), grid=(h, w), **kw)
 
-def build_mixer(name: str, shared: dict[str, Any], mixer_kwargs: dict[str, Any] | None,
+  def patch_map(self, stream: str | None = None):
+    """The patch tokens of the main stream (or of `extra[stream]`) as a (B, h, w, D) map."""
+    x = self.x if stream is None else self.extra[stream]
+    if self.grid is None:
+      raise ValueError("these tokens have no 2-D grid, so they have no patch map")
+    num_prefix = self.num_prefix if stream is None else 0
+    return layers.tokens_to_grid(x, self.grid, num_prefix)[1]
+
+
+# Block fields a model shares with every block; a block receives those it declares. The same
+# holds between blocks and mixers (`build_mixer`).
+SHARED_FIELDS = ("num_heads", "attn_impl", "dropout")
+
+
+def build_mixer(mixer, shared: Mapping[str, Any], mixer_kwargs: Mapping[str, Any] | None,
                 **module_kw):
-  """Instantiates registered mixer `name` with the shared fields it declares plus its kwargs."""
-  cls = get_mixer(name)
+  """Instantiates `mixer` (registered name, class or partial) with the shared fields it declares
+  plus its kwargs (strict: an unknown kwarg is an error naming the allowed fields)."""
+  cls = get_mixer(mixer)
   fields = layers.module_fields(cls)
   kwargs = {k: v for k, v in shared.items() if k in fields}
   kwargs.update(mixer_kwargs or {})
-  layers.check_overrides(cls, kwargs, what=f"mixer {name!r}")
-  return cls(**kwargs, name=getattr(cls, "scope_name", "mixer"), **module_kw)
+  layers.check_overrides(cls, kwargs, what=f"mixer {display_name(mixer)!r}")
+  scope = getattr(getattr(cls, "func", cls), "scope_name", "mixer")
+  return cls(**kwargs, name=scope, **module_kw)
 
 
 def call_mixer(mixer: nn.Module, x, tokens: Tokens, *, train: bool):
@@ -51,7 +82,7 @@ class EncoderBlock(nn.Module):
   """Pre-norm block: x + DropPath(mixer(LN(x))), then x + DropPath(MLP(LN(x)))."""
   mlp_dim: int
   num_heads: int
-  mixer: str = "mhsa"
+  mixer: Any = "mhsa"
   mixer_kwargs: Any = None
   attn_impl: str = "xla"
   dropout: float = 0.0
@@ -70,29 +101,294 @@ class EncoderBlock(nn.Module):
     return tokens.replace(x=x)
 
 
-class Encoder(nn.Module):
-  """Stack of `depth` registered blocks over the carry, drop-path rising linearly to `drop_path`.
+# ---------------------------------------------------------------------------------------------
+# Stages.
 
-  With `posemb=True` a learned table is added to `tokens.x` first (`posembed_input`), and with
-  `final_norm=True` the main stream ends in `encoder_norm`: vit_jax's `Transformer` names.
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """One stage: optional downsampling of the (B, H, W, C) map to `width`, then `depth` blocks.
+
+  block / downsample: a registered name, a Linen class or a functools.partial of one.
+  block_kwargs: fields for every block of the stage, checked strictly against the block's
+    fields; of `shared` (see SHARED_FIELDS) a block receives only those it declares.
+  downsample_kwargs: extra fields of the downsampling layer (built as `cls(width, **kwargs)`).
+  cls_token: prepend a learned class token after the downsampling (CvT's last stage); it
+    becomes a prefix token of the carry (`Tokens.num_prefix`).
   """
   depth: int
-  block: str = "vit"
-  block_kwargs: Any = None
-  drop_path: float = 0.0
-  posemb: bool = True
-  final_norm: bool = True
+  width: int
+  block: Any = "vit"
+  block_kwargs: Mapping[str, Any] | None = None
+  shared: Mapping[str, Any] | None = None
+  downsample: Any = None
+  downsample_kwargs: Mapping[str, Any] | None = None
+  cls_token: bool = False
+
+  def downsample_stride(self) -> int:
+    if self.downsample is None:
+      return 1
+    return layers.downsample_stride(get_downsample(self.downsample), self.downsample_kwargs)
+
+
+class StageNames(NamedTuple):
+  """How `run_stages` names what it creates. Templates see {i} (stage), {j} (block in the stage)
+  and {k} (block over all stages).
+
+  stage=None puts every block and downsampling layer straight into the calling module's scope
+  (the flat layouts of vit_jax's `Transformer` and of HorNet); otherwise each stage is a module
+  named `stage` holding `downsample` and its blocks.
+  """
+  stage: str | None = "stages_{i}"
+  block: str = "blocks_{j}"
+  downsample: str = "downsample"
+  cls_token: str = "cls_token"
+
+
+def drop_path_rates(depths: Sequence[int], rate: float) -> list[list[float]]:
+  """Per-stage lists of per-block drop-path rates rising linearly from 0 to `rate` over all
+  blocks (timm's rule, `torch.linspace(0, rate, sum(depths)).split(depths)`)."""
+  total = sum(depths)
+  flat = [rate * k / max(total - 1, 1) for k in range(total)]
+  out, k = [], 0
+  for d in depths:
+    out.append(flat[k:k + d])
+    k += d
+  return out
+
+
+def _block_kwargs(spec: StageSpec, cls) -> dict[str, Any]:
+  fields = layers.module_fields(cls)
+  kwargs = {k: v for k, v in (spec.shared or {}).items() if k in fields}
+  kwargs.update(spec.block_kwargs or {})
+  layers.check_overrides(cls, {**kwargs, "drop_path": 0.0},
+                         what=f"block {display_name(spec.block)!r}")
+  return kwargs
+
+
+class _Stage(nn.Module):
+  """Downsampling, class token and blocks of one stage (see `run_stages`)."""
+  spec: StageSpec
+  index: int
+  first_block: int
+  rates: tuple[float, ...]
+  names: StageNames
+  collect: tuple[int, ...] = ()
 
   @nn.compact
-  def __call__(self, tokens: Tokens, *, train: bool = False) -> Tokens:
+  def __call__(self, tokens: Tokens, *, train: bool = False):
+    spec, i, names = self.spec, self.index, self.names
+    if spec.downsample is not None:
+      if tokens.num_prefix:
+        raise ValueError(f"stage {i + 1} downsamples, but the tokens carry {tokens.num_prefix} "
+                         "prefix token(s), which have no place on the map")
+      flat = names.stage is None
+      layer = get_downsample(spec.downsample)(
+          spec.width, **dict(spec.downsample_kwargs or {}), name=names.downsample.format(i=i))
+      if flat:   # its layers go straight into the model's scope (named by downsample_kwargs)
+        nn.share_scope(layer, self)
+      tokens = Tokens.from_map(layer(tokens.patch_map(), train=train), extra=tokens.extra)
+    if tokens.x.shape[-1] != spec.width:
+      raise ValueError(f"stage {i + 1} has width {spec.width}, but its input has "
+                       f"{tokens.x.shape[-1]} channels; give it a downsample layer")
+    if spec.cls_token:
+      b, _, d = tokens.x.shape
+      cls = self.param(names.cls_token.format(i=i), nn.initializers.truncated_normal(0.02),
+                       (1, 1, d), tokens.x.dtype)
+      tokens = tokens.replace(x=jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), tokens.x], 1),
+                              num_prefix=tokens.num_prefix + 1)
+    cls = get_block(spec.block)
+    kwargs = _block_kwargs(spec, cls)
+    out = {}
+    for j in range(spec.depth):
+      k = self.first_block + j
+      tokens = cls(**kwargs, drop_path=self.rates[j], name=names.block.format(i=i, j=j, k=k))(
+          tokens, train=train)
+      if k in self.collect:
+        out[k] = tokens
+    return tokens, out
+
+
+def run_stages(parent: nn.Module, tokens: Tokens, stages: Sequence[StageSpec], *,
+               drop_path: float = 0.0, names: StageNames = StageNames(), train: bool = False,
+               collect: Collection[int] = ()) -> tuple[Tokens, dict[int, Tokens]]:
+  """Runs `stages` over the carry, from inside `parent`'s compact method.
+
+  Drop-path rates rise linearly over all blocks (`drop_path_rates`). Returns the final carry and
+  {k: carry after block k} for the global block indices in `collect` (features).
+  """
+  rates = drop_path_rates([s.depth for s in stages], drop_path)
+  collected, first = {}, 0
+  for i, spec in enumerate(stages):
+    stage = _Stage(spec, i, first, tuple(rates[i]), names,
+                   tuple(k for k in collect if first <= k < first + spec.depth),
+                   name=None if names.stage is None else names.stage.format(i=i))
+    if names.stage is None:
+      nn.share_scope(stage, parent)
+    tokens, out = stage(tokens, train=train)
+    collected.update(out)
+    first += spec.depth
+  return tokens, collected
+
+
+def stage_ends(stages: Sequence[StageSpec]) -> list[int]:
+  """Global index of the last block of each stage."""
+  ends, k = [], 0
+  for s in stages:
+    k += s.depth
+    ends.append(k - 1)
+  return ends
+
+
+# ---------------------------------------------------------------------------------------------
+# Features (DESIGN.md, decision 11).
+
+class FeatureInfo(NamedTuple):
+  """One feature map of `apply(..., features=True)`: its key in `out`, channels and stride
+  relative to the input image."""
+  name: str
+  channels: int
+  stride: int
+
+
+def spaced_blocks(depth: int, count: int = 4) -> tuple[int, ...]:
+  """`count` block indices spread evenly over `depth` blocks, ending at the last one: the default
+  feature taps of an isotropic model (ViT-B: blocks 2, 5, 8, 11)."""
+  count = min(count, depth)
+  return tuple(round((n + 1) * depth / count) - 1 for n in range(count))
+
+
+def check_feature_blocks(blocks, depth: int) -> tuple[int, ...]:
+  blocks = spaced_blocks(depth) if blocks is None else tuple(int(b) for b in blocks)
+  bad = [b for b in blocks if not 0 <= b < depth]
+  if bad or not blocks:
+    raise ValueError(f"feature_blocks={blocks!r}: allowed values are block indices 0..{depth - 1}")
+  return blocks
+
+
+class Classifier(nn.Module):
+  """What every registered model keeps (DESIGN.md, decision 11).
+
+    logits = model.apply(variables, images, train=False)
+    logits, out = model.apply(variables, images, train=False, features=True)
+
+  `out` holds 'stem', 'stage1' ... 'stageK' ((B, h, w, C) maps; for an isotropic model, the patch
+  tokens after each of its `feature_blocks` as a grid) and 'pre_logits' (B, D). With
+  `num_classes=0` the model has no head and returns pre_logits in place of logits.
+  `feature_info()` gives each map's channels and stride (`vitjax.feature_info(name)`).
+  """
+  num_classes: int = 1000
+
+  def feature_info(self) -> list[FeatureInfo]:
+    raise NotImplementedError(f"{type(self).__name__} does not list its features")
+
+  def classify(self, pre_logits, out: dict, features: bool, *, kernel_init=None):
+    """The 'head' Dense on pre_logits (none when num_classes == 0); the return value of apply."""
+    out["pre_logits"] = pre_logits
+    logits = pre_logits
+    if self.num_classes:
+      init = kernel_init or nn.initializers.zeros
+      logits = nn.Dense(self.num_classes, kernel_init=init, name="head")(pre_logits)
+    return (logits, out) if features else logits
+
+
+class Encoder(nn.Module):
+  """The isotropic case of the stages: learned positions, blocks, final norm.
+
+  Either `depth` blocks of one `block` with `block_kwargs` (ViT), or explicit `stages` without
+  downsampling (e.g. SpectFormer's spectral blocks followed by attention blocks). Names are
+  vit_jax's `Transformer`: `posembed_input`, `encoderblock_{k}`, `encoder_norm`. With
+  `posemb=False` no table is added; with `final_norm=False` there is no final norm.
+  Returns the carry and {k: carry after block k} for the blocks in `collect`.
+  """
+  depth: int = 0
+  block: Any = "vit"
+  block_kwargs: Any = None
+  shared: Any = None
+  stages: tuple[StageSpec, ...] | None = None
+  drop_path: float = 0.0
+  posemb: bool = True
+  posemb_dropout: float = 0.0
+  final_norm: bool = True
+  collect: tuple[int, ...] = ()
+
+  NAMES: ClassVar[StageNames] = StageNames(stage=None, block="encoderblock_{k}")
+
+  def specs(self, width: int) -> tuple[StageSpec, ...]:
+    if self.stages is not None:
+      return tuple(self.stages)
+    return (StageSpec(self.depth, width, self.block, self.block_kwargs, self.shared),)
+
+  @nn.compact
+  def __call__(self, tokens: Tokens, *, train: bool = False):
     if self.posemb:
       tokens = tokens.replace(x=layers.AddPositionEmbs(name="posembed_input")(tokens.x))
-    block_cls = get_block(self.block)
-    kwargs = dict(self.block_kwargs or {})
-    layers.check_overrides(block_cls, {**kwargs, "drop_path": 0.0}, what=f"block {self.block!r}")
-    for i in range(self.depth):
-      rate = self.drop_path * i / max(self.depth - 1, 1)
-      tokens = block_cls(**kwargs, drop_path=rate, name=f"encoderblock_{i}")(tokens, train=train)
+    if self.posemb_dropout:
+      tokens = tokens.replace(x=nn.Dropout(self.posemb_dropout, deterministic=not train)(tokens.x))
+    specs = self.specs(tokens.x.shape[-1])
+    if any(s.downsample is not None for s in specs):
+      raise ValueError("Encoder stages cannot downsample; use MultiStageModel")
+    tokens, out = run_stages(self, tokens, specs, drop_path=self.drop_path, names=self.NAMES,
+                             train=train, collect=self.collect)
     if self.final_norm:
       tokens = tokens.replace(x=nn.LayerNorm(name="encoder_norm")(tokens.x))
-    return tokens
+    return tokens, out
+
+
+class MultiStageModel(Classifier):
+  """Hierarchical classifier: stem -> stages -> pooling -> head, the loop in `run_stages`.
+
+  A family subclasses it and declares
+    stem(images, *, train) -> (B, H/s, W/s, C) map   (its layers, named as the family likes)
+    stem_stride() -> s
+    stage_specs() -> tuple[StageSpec, ...]
+    pool(tokens, *, train) -> (B, D) pre_logits      (final norm and pooling)
+  and may set STAGE_NAMES (parameter layout) and override `head_init()`.
+  Feature maps are the stem output and the output of each stage (before the final norm).
+  """
+  drop_path: float = 0.0
+
+  STAGE_NAMES: ClassVar[StageNames] = StageNames()
+
+  def stem(self, images, *, train: bool):
+    raise NotImplementedError
+
+  def stem_stride(self) -> int:
+    raise NotImplementedError
+
+  def stem_width(self) -> int:
+    return self.stage_specs()[0].width
+
+  def stage_specs(self) -> tuple[StageSpec, ...]:
+    raise NotImplementedError
+
+  def pool(self, tokens: Tokens, *, train: bool):
+    raise NotImplementedError
+
+  def head_init(self) -> Callable | None:
+    return None
+
+  def check(self):
+    """Validates the model's fields; called before anything is built."""
+
+  def feature_info(self) -> list[FeatureInfo]:
+    stride = self.stem_stride()
+    info = [FeatureInfo("stem", self.stem_width(), stride)]
+    for i, spec in enumerate(self.stage_specs()):
+      stride *= spec.downsample_stride()
+      info.append(FeatureInfo(f"stage{i + 1}", spec.width, stride))
+    return info
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, features: bool = False):
+    self.check()
+    info = self.feature_info()
+    layers.check_images(images, max(f.stride for f in info), what="the total stride")
+    x = self.stem(images, train=train)                                 # (B, H/s, W/s, C)
+    out = {"stem": x}
+    specs = self.stage_specs()
+    tokens, taps = run_stages(self, Tokens.from_map(x), specs, drop_path=self.drop_path,
+                              names=self.STAGE_NAMES, train=train, collect=stage_ends(specs))
+    for i, k in enumerate(stage_ends(specs)):
+      out[f"stage{i + 1}"] = taps[k].patch_map()
+    return self.classify(self.pool(tokens, train=train), out, features,
+                         kernel_init=self.head_init())

@@ -23,13 +23,14 @@ hornet_b_gf 88,421,352 (88M).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax.models import layers
-from vitjax.models.backbone import Tokens, build_mixer, call_mixer
+from vitjax.models.backbone import (MultiStageModel, StageNames, StageSpec, Tokens, build_mixer,
+                                    call_mixer)
 from vitjax.models.registry import register_block, register_model
 from vitjax.models.spectral_mixers import GNCONV_VARIANTS
 
@@ -40,11 +41,9 @@ trunc_normal = nn.initializers.truncated_normal
 class HorNetBlock(nn.Module):
   """HorNet / ConvNeXt-style block with layer scale; the mixer (default 'gnconv') needs the grid."""
   mlp_dim: int
-  mixer: str = "gnconv"
+  mixer: Any = "gnconv"
   mixer_kwargs: Any = None
   layer_scale_init: float = 1e-6  # <= 0 turns layer scale off, as in the official code
-  num_heads: int = 1              # shared mixer fields (see backbone.build_mixer); gnconv
-  attn_impl: str = "xla"          # uses neither, other mixers may
   dropout: float = 0.0
   drop_path: float = 0.0
   kernel_init: Callable = trunc_normal(0.02)
@@ -60,8 +59,8 @@ class HorNetBlock(nn.Module):
   def __call__(self, tokens: Tokens, *, train: bool = False) -> Tokens:
     x = tokens.x                                                        # (B, N, C)
     y = nn.LayerNorm(epsilon=1e-6, name="norm1")(x)
-    shared = dict(num_heads=self.num_heads, attn_impl=self.attn_impl, dropout=self.dropout)
-    y = call_mixer(build_mixer(self.mixer, shared, self.mixer_kwargs), y, tokens, train=train)
+    y = call_mixer(build_mixer(self.mixer, dict(dropout=self.dropout), self.mixer_kwargs), y,
+                   tokens, train=train)
     x = x + layers.DropPath(self.drop_path)(self._layer_scale("gamma1", y), train=train)
     y = nn.LayerNorm(epsilon=1e-6, name="norm2")(x)
     y = layers.MlpBlock(self.mlp_dim, dropout=self.dropout, kernel_init=self.kernel_init,
@@ -70,8 +69,12 @@ class HorNetBlock(nn.Module):
     return tokens.replace(x=x)
 
 
-class HorNet(nn.Module):
-  """Hierarchical HorNet classifier (four stages, widths base_dim * (1, 2, 4, 8))."""
+class HorNet(MultiStageModel):
+  """Hierarchical HorNet classifier (four stages, widths base_dim * (1, 2, 4, 8)).
+
+  The parameter layout is flat, as before the multi-stage backbone existed (`stem_conv`,
+  `downsample_{i}_norm`, `stage_{i}_block_{j}`, ...), so older checkpoints load unchanged.
+  """
   num_classes: int = 1000
   depths: tuple[int, ...] = (2, 3, 18, 2)
   base_dim: int = 64
@@ -86,7 +89,10 @@ class HorNet(nn.Module):
   drop_path: float = 0.0
   head_init_scale: float = 1.0
 
-  def _check(self, images):
+  STAGE_NAMES: ClassVar[StageNames] = StageNames(stage=None, block="stage_{i}_block_{j}",
+                                                 downsample="downsample_{i}")
+
+  def check(self):
     n = len(self.depths)
     for field in ("orders", "variants"):
       if len(getattr(self, field)) != n:
@@ -95,66 +101,58 @@ class HorNet(nn.Module):
       if v not in GNCONV_VARIANTS:
         raise ValueError(
             f"Unknown variants entry {v!r}. Allowed values: {', '.join(GNCONV_VARIANTS)}.")
-    if images.ndim != 4:
-      raise ValueError(f"images must be NHWC (B, H, W, C); got shape {images.shape}")
-    stride = 4 * 2 ** (n - 1)
-    if images.shape[1] % stride or images.shape[2] % stride:
-      raise ValueError(
-          f"data.image_size: image size {images.shape[1]}x{images.shape[2]} is not divisible "
-          f"by the total stride {stride}; allowed values are multiples of {stride}")
 
-  @nn.compact
-  def __call__(self, images, *, train: bool = False):
-    self._check(images)
-    conv = functools.partial(nn.Conv, padding="VALID", kernel_init=trunc_normal(0.02))
-    norm = functools.partial(nn.LayerNorm, epsilon=1e-6)
-    total = sum(self.depths)
-    x = conv(self.base_dim, (4, 4), strides=(4, 4), name="stem_conv")(images)
-    x = norm(name="stem_norm")(x)                                       # (B, H/4, W/4, C0)
-    k = 0
+  def stem_stride(self) -> int:
+    return 4
+
+  def stem(self, images, *, train: bool):
+    x = nn.Conv(self.base_dim, (4, 4), strides=(4, 4), padding="VALID",
+                kernel_init=trunc_normal(0.02), name="stem_conv")(images)
+    return nn.LayerNorm(epsilon=1e-6, name="stem_norm")(x)              # (B, H/4, W/4, C0)
+
+  def stage_specs(self) -> tuple[StageSpec, ...]:
+    specs = []
     for i, depth in enumerate(self.depths):
       dim = self.base_dim * 2 ** i
-      if i > 0:
-        x = norm(name=f"downsample_{i}_norm")(x)
-        x = conv(dim, (2, 2), strides=(2, 2), name=f"downsample_{i}_conv")(x)
-      b, h, w, _ = x.shape
       mixer_kwargs = dict(order=self.orders[i], variant=self.variants[i],
                           kernel_size=self.kernel_size, scale=self.scale,
                           filter_size=None if self.filter_sizes is None else self.filter_sizes[i])
-      tokens = Tokens(x.reshape(b, h * w, dim), grid=(h, w), num_prefix=0)
-      for j in range(depth):
-        rate = self.drop_path * k / max(total - 1, 1)
-        tokens = HorNetBlock(self.mlp_ratio * dim, mixer_kwargs=mixer_kwargs,
-                             layer_scale_init=self.layer_scale_init, dropout=self.dropout,
-                             drop_path=rate, name=f"stage_{i}_block_{j}")(tokens, train=train)
-        k += 1
-      x = tokens.x.reshape(b, h, w, dim)
-    x = norm(name="norm")(x.mean(axis=(1, 2)))                          # (B, C3)
-    scaled = lambda key, shape, dtype=jnp.float32: (  # noqa: E731
+      down = None if i == 0 else dict(norm_name=f"downsample_{i}_norm",
+                                      conv_name=f"downsample_{i}_conv")
+      specs.append(StageSpec(
+          depth, dim, block=HorNetBlock,
+          block_kwargs=dict(mlp_dim=self.mlp_ratio * dim, mixer_kwargs=mixer_kwargs,
+                            layer_scale_init=self.layer_scale_init, dropout=self.dropout),
+          downsample=None if i == 0 else "norm_conv", downsample_kwargs=down))
+    return tuple(specs)
+
+  def pool(self, tokens: Tokens, *, train: bool):
+    return nn.LayerNorm(epsilon=1e-6, name="norm")(tokens.x.mean(axis=1))  # (B, C3)
+
+  def head_init(self):
+    return lambda key, shape, dtype=jnp.float32: (
         trunc_normal(0.02)(key, shape, dtype) * self.head_init_scale)
-    return nn.Dense(self.num_classes, kernel_init=scaled, name="head")(x)
 
 
-# name: (base_dim, variants). All official ImageNet-1k HorNets: depths (2, 3, 18, 2), orders
-# (2, 3, 4, 5), s = 1/3; GF in the last two stages.
+# All official ImageNet-1k HorNets: depths (2, 3, 18, 2), orders (2, 3, 4, 5), s = 1/3; the GF
+# variants use the global-local filter in the last two stages.
 _GF = ("dwconv", "dwconv", "gf", "gf")
+_BASE = dict(depths=(2, 3, 18, 2), orders=(2, 3, 4, 5))
 VARIANTS = {
-    "hornet_t": (64, ("dwconv",) * 4),
-    "hornet_t_gf": (64, _GF),
-    "hornet_s": (96, ("dwconv",) * 4),
-    "hornet_s_gf": (96, _GF),
-    "hornet_b": (128, ("dwconv",) * 4),
-    "hornet_b_gf": (128, _GF),
+    "hornet_t": dict(_BASE, base_dim=64, variants=("dwconv",) * 4),
+    "hornet_t_gf": dict(_BASE, base_dim=64, variants=_GF),
+    "hornet_s": dict(_BASE, base_dim=96, variants=("dwconv",) * 4),
+    "hornet_s_gf": dict(_BASE, base_dim=96, variants=_GF),
+    "hornet_b": dict(_BASE, base_dim=128, variants=("dwconv",) * 4),
+    "hornet_b_gf": dict(_BASE, base_dim=128, variants=_GF),
 }
 
 
-def _factory(spec, **overrides):
-  base_dim, variants = spec
-  kwargs = dict(depths=(2, 3, 18, 2), base_dim=base_dim, orders=(2, 3, 4, 5), variants=variants)
-  kwargs.update(overrides)
+def _factory(variant, **overrides):
+  kwargs = {**VARIANTS[variant], **overrides}
   layers.check_overrides(HorNet, kwargs, what="HorNet")
   return HorNet(**kwargs)
 
 
-for _name, _spec in VARIANTS.items():
-  register_model(_name)(functools.partial(_factory, _spec))
+for _name in VARIANTS:
+  register_model(_name)(functools.partial(_factory, _name))

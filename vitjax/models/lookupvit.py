@@ -36,9 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitjax.models import layers
-from vitjax.models.backbone import Encoder, Tokens
+from vitjax.models.backbone import (Classifier, Encoder, FeatureInfo, Tokens,
+                                    check_feature_blocks)
+from vitjax.models.layers import DenseParams
 from vitjax.models.registry import get_block, register_block, register_model
-from vitjax.models.vit import check_images, patch_conv
 from vitjax.ops import mhbc as mhbc_ops
 from vitjax.ops import resize as resize_ops
 
@@ -72,44 +73,10 @@ def check_grid(grid, lookup_grid: tuple[int, int]) -> tuple[int, int]:
   return h, w
 
 
-def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:
-  """Fixed 2-D sin-cos table (1, h, w, dim): a quarter of the channels each for sin/cos of x, y."""
-  if dim % 4:
-    raise ValueError(f"posemb='sincos2d' needs width divisible by 4, got width={dim}")
-  omega = temperature ** -(np.arange(dim // 4) / (dim // 4))      # (dim/4,) frequencies
-  ys, xs = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-  ang_x = xs.reshape(-1, 1) * omega                                 # (h*w, dim/4)
-  ang_y = ys.reshape(-1, 1) * omega
-  pe = np.concatenate([np.sin(ang_x), np.cos(ang_x), np.sin(ang_y), np.cos(ang_y)], axis=1)
-  return pe.reshape(1, h, w, dim).astype(np.float32)
-
-
 def _heads(x, num_heads: int, field: str) -> int:
   if x.shape[-1] % num_heads:
     raise ValueError(f"{field}={num_heads} must divide the width {x.shape[-1]}")
   return x.shape[-1] // num_heads
-
-
-class HeadDense(nn.Module):
-  """The kernel (in_shape + features) and bias (features) that `nn.DenseGeneral` would create to map
-  the trailing `in_shape` axes to `features`, returned rather than applied.
-
-  MHBC's absorbed form (`vitjax.ops.mhbc`) needs the weights themselves; this owns them under the
-  names, shapes and initialisers DenseGeneral uses, so both forms share one parameter tree.
-  """
-  in_shape: tuple[int, ...]
-  features: tuple[int, ...]
-  use_bias: bool = True
-  kernel_init: Any = nn.initializers.xavier_uniform()
-
-  @nn.compact
-  def __call__(self):
-    def kernel_init(key, shape, dtype=jnp.float32):   # DenseGeneral's: a 2-D init, reshaped
-      flat = (math.prod(self.in_shape), math.prod(self.features))
-      return jnp.reshape(self.kernel_init(key, flat, dtype), shape)
-    kernel = self.param("kernel", kernel_init, (*self.in_shape, *self.features))
-    bias = (self.param("bias", nn.initializers.zeros, self.features) if self.use_bias else None)
-    return kernel, bias
 
 
 def _project(x, kernel, bias, num_in: int):
@@ -167,7 +134,7 @@ class MHBCGather(nn.Module):
   def __call__(self, x_p, x_l, *, train: bool = False):
     head_dim = _heads(x_p, self.num_heads, "mhbc_heads")
     width, heads = x_p.shape[-1], (self.num_heads, head_dim)
-    weights = lambda name: HeadDense((width,), heads, self.qkv_bias, self.kernel_init,  # noqa: E731
+    weights = lambda name: DenseParams((width,), heads, self.qkv_bias, self.kernel_init,  # noqa: E731
                                      name=name)()
     (w_q, b_q), (w_k, b_k), (w_v, b_v) = weights("query"), weights("key"), weights("value")
     q_p = _project(x_p, w_q, b_q, 1)                                  # (B, M, H, d)
@@ -178,7 +145,7 @@ class MHBCGather(nn.Module):
       k_l, v_l = _project(x_l, w_k, b_k, 1), _project(x_l, w_v, b_v, 1)  # (B, N, H, d)
       logits = mhbc_ops.mhbc_logits(q_p, k_l, scale=head_dim ** -0.5)  # (B, H, M, N)
       y = mhbc_ops.gather(logits, v_l)                                # (B, M, H, d)
-    w_o, b_o = HeadDense(heads, (width,), True, self.kernel_init, name="out")()
+    w_o, b_o = DenseParams(heads, (width,), True, self.kernel_init, name="out")()
     y = _project(y, w_o, b_o, 2)                                      # (B, M, D)
     return nn.Dropout(self.dropout, deterministic=not train)(y), logits
 
@@ -197,8 +164,8 @@ class MHBCPropagate(nn.Module):
   def __call__(self, logits, x_p, *, train: bool = False):
     head_dim = _heads(x_p, self.num_heads, "mhbc_heads")
     width, heads = x_p.shape[-1], (self.num_heads, head_dim)
-    w_v, b_v = HeadDense((width,), heads, self.qkv_bias, self.kernel_init, name="value")()
-    w_o, b_o = HeadDense(heads, (width,), True, self.kernel_init, name="out")()
+    w_v, b_v = DenseParams((width,), heads, self.qkv_bias, self.kernel_init, name="value")()
+    w_o, b_o = DenseParams(heads, (width,), True, self.kernel_init, name="out")()
     v_p = _project(x_p, w_v, b_v, 1)                                  # (B, M, H, d)
     if self.absorb:
       y = mhbc_ops.propagate_absorbed(logits, v_p, w_o) + b_o         # (B, N, D)
@@ -265,13 +232,16 @@ class LookupViTBlock(nn.Module):
     return tokens.replace(x=x_p, extra={**tokens.extra, "lookup": x_l})
 
 
-class LookupViT(nn.Module):
+class LookupViT(Classifier):
   """LookupViT classifier. `__call__(images, *, grid=None, train=False)`; grid defaults to `grid`.
 
   `image_size` fixes only the learned position table (image_size / patch_size per side); other
   input sizes resize the table with the `compress_resize` convention. `grid=None` means half the
   lookup side, rounded up. The sown intermediates 'compressed_tokens' and 'lookup_tokens' hold
   the two streams as they enter the first block.
+
+  Features: 'stem' is the patch embedding, 'stage1'..'stageK' the lookup tokens (the full patch
+  grid) after the blocks in `feature_blocks`, all at stride `patch_size`.
   """
   num_classes: int = 1000
   image_size: Any = 224
@@ -299,6 +269,7 @@ class LookupViT(nn.Module):
   dropout: float = 0.0
   drop_path: float = 0.0
   head_zero_init: bool = True
+  feature_blocks: tuple[int, ...] | None = None
 
   def __post_init__(self):
     if self.head_source not in HEAD_SOURCES:
@@ -336,20 +307,32 @@ class LookupViT(nn.Module):
       return _pair(self.grid, "grid")
     return tuple(math.ceil(s / 2) for s in lookup_grid)
 
+  def apply_schedule(self, config):
+    """The runner's per-step `grid`: drawn from config.grids, evaluated at config.eval_grids."""
+    from vitjax.models import schedules  # pylint: disable=g-import-not-at-top
+    return schedules.GridSchedule.from_config(config)
+
   def _positions(self, lookup_grid, dim, dtype):
     """(1, h_l, w_l, D) position table at the current lookup grid."""
     if self.posemb == "sincos2d":
-      return jnp.asarray(posemb_sincos_2d(*lookup_grid, dim), dtype)
+      return jnp.asarray(layers.posemb_sincos_2d(*lookup_grid, dim), dtype)
     table = self.param("pos_embedding", nn.initializers.normal(stddev=0.02),
                        (1, *self.table_grid, dim), dtype)
     return resize_ops.resize_2d(table, lookup_grid, self.compress_resize)
 
+  def feature_info(self) -> list[FeatureInfo]:
+    blocks = check_feature_blocks(self.feature_blocks, self.depth)
+    return [FeatureInfo(name, self.width, self.patch_size)
+            for name in ["stem"] + [f"stage{i + 1}" for i in range(len(blocks))]]
+
   @nn.compact
-  def __call__(self, images, *, grid=None, train: bool = False):
-    check_images(images, self.patch_size)
+  def __call__(self, images, *, grid=None, train: bool = False, features: bool = False):
+    blocks = check_feature_blocks(self.feature_blocks, self.depth)
+    layers.check_images(images, self.patch_size)
     h_l, w_l = images.shape[1] // self.patch_size, images.shape[2] // self.patch_size
     grid = check_grid(self.default_grid((h_l, w_l)) if grid is None else grid, (h_l, w_l))
-    x = patch_conv(self.width, self.patch_size)(images)                # (B, h_l, w_l, D)
+    x = layers.patch_conv(self.width, self.patch_size)(images)         # (B, h_l, w_l, D)
+    out = {"stem": x}
     b, _, _, d = x.shape
     x = x + self._positions((h_l, w_l), d, x.dtype)                    # (B, h_l, w_l, D)
     # Compressed tokens: resize AFTER adding positions (the same as resizing each, by linearity).
@@ -364,10 +347,15 @@ class LookupViT(nn.Module):
         mhbc_heads=self.mhbc_heads, lookup_postnorm=self.lookup_postnorm,
         mhbc_impl=self.mhbc_impl, mixer=self.mixer,
         mixer_kwargs=self.mixer_kwargs, attn_impl=self.attn_impl, dropout=self.dropout)
-    tokens = Encoder(self.depth, block="lookupvit", block_kwargs=block_kwargs,
-                     drop_path=self.drop_path, posemb=False,
-                     final_norm=self.head_source != "lookup", name="Transformer")(
-                         Tokens(x_p, extra={"lookup": x_l}, grid=grid), train=train)
+    tokens, taps = Encoder(self.depth, block="lookupvit", block_kwargs=block_kwargs,
+                           drop_path=self.drop_path, posemb=False,
+                           final_norm=self.head_source != "lookup",
+                           collect=blocks if features else (), name="Transformer")(
+                               Tokens(x_p, extra={"lookup": x_l}, grid=grid), train=train)
+    if features:
+      lookup_grid = (h_l, w_l)
+      out.update({f"stage{i + 1}": layers.patches_to_grid(taps[k].extra["lookup"], lookup_grid)
+                  for i, k in enumerate(blocks)})
 
     pooled = 0.0
     if self.head_source in ("compressed", "both_sum"):
@@ -376,7 +364,7 @@ class LookupViT(nn.Module):
       x_l = nn.LayerNorm(name="lookup_norm")(tokens.extra["lookup"])
       pooled = pooled + x_l.mean(axis=1)                               # (B, D)
     init = nn.initializers.zeros if self.head_zero_init else nn.initializers.xavier_uniform()
-    return nn.Dense(self.num_classes, kernel_init=init, name="head")(pooled)
+    return self.classify(pooled, out, features, kernel_init=init)
 
 
 def analytic_macs(model: LookupViT, image_size=None, grid=None, *,
@@ -411,25 +399,26 @@ def analytic_macs(model: LookupViT, image_size=None, grid=None, *,
   return total
 
 
-# name: (patch_size, width, depth, mlp_dim, num_heads, image_size, grid). Widths follow the ViT
-# family; the patch-4/2 variants are for 28-32 px inputs (Fashion-MNIST, CIFAR). Default grids
-# are half the lookup side, rounded up: 14x14 -> 7x7, 7x7 -> 4x4.
+# Sizes of the registered variants. Widths follow the ViT family; the patch-4/2 variants are for
+# 28-32 px inputs (Fashion-MNIST, CIFAR). Default grids are half the lookup side, rounded up:
+# 14x14 -> 7x7, 7x7 -> 4x4.
+_B16 = dict(patch_size=16, image_size=224, grid=(7, 7))
+_P28 = dict(image_size=28, grid=(4, 4))
 VARIANTS = {
-    "lookupvit_ti16": (16, 192, 12, 768, 3, 224, (7, 7)),
-    "lookupvit_s16": (16, 384, 12, 1536, 6, 224, (7, 7)),
-    "lookupvit_b16": (16, 768, 12, 3072, 12, 224, (7, 7)),
-    "lookupvit_l16": (16, 1024, 24, 4096, 16, 224, (7, 7)),
-    "lookupvit_nano4": (4, 128, 6, 512, 4, 28, (4, 4)),
-    "lookupvit_nano2": (2, 128, 6, 512, 4, 28, (7, 7)),
-    "lookupvit_ti4": (4, 192, 12, 768, 3, 28, (4, 4)),
-    "lookupvit_s4": (4, 384, 12, 1536, 6, 28, (4, 4)),
+    "lookupvit_ti16": dict(_B16, width=192, depth=12, mlp_dim=768, num_heads=3),
+    "lookupvit_s16": dict(_B16, width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "lookupvit_b16": dict(_B16, width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "lookupvit_l16": dict(_B16, width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "lookupvit_nano4": dict(_P28, patch_size=4, width=128, depth=6, mlp_dim=512, num_heads=4),
+    "lookupvit_nano2": dict(_P28, patch_size=2, width=128, depth=6, mlp_dim=512, num_heads=4,
+                            grid=(7, 7)),
+    "lookupvit_ti4": dict(_P28, patch_size=4, width=192, depth=12, mlp_dim=768, num_heads=3),
+    "lookupvit_s4": dict(_P28, patch_size=4, width=384, depth=12, mlp_dim=1536, num_heads=6),
 }
 
 
-def _factory(spec, **overrides):
-  keys = ("patch_size", "width", "depth", "mlp_dim", "num_heads", "image_size", "grid")
-  kwargs = dict(zip(keys, spec))
-  kwargs.update(overrides)
+def _factory(variant, **overrides):
+  kwargs = {**VARIANTS[variant], **overrides}
   layers.check_overrides(LookupViT, kwargs, what="LookupViT")
   for key in ("grid", "image_size"):  # configs may give lists; module fields must hash
     if isinstance(kwargs[key], list):
@@ -437,5 +426,5 @@ def _factory(spec, **overrides):
   return LookupViT(**kwargs)
 
 
-for _name, _spec in VARIANTS.items():
-  register_model(_name)(functools.partial(_factory, _spec))
+for _name in VARIANTS:
+  register_model(_name)(functools.partial(_factory, _name))

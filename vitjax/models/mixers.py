@@ -17,16 +17,6 @@ from vitjax import kernels
 from vitjax.models.registry import register_mixer
 
 
-def split_prefix(x, num_prefix: int):
-  """(B, N, D) -> (prefix (B, P, D), patches (B, N - P, D))."""
-  return x[:, :num_prefix], x[:, num_prefix:]
-
-
-def patches_to_grid(x, grid):
-  """(B, h*w, D) -> (B, h, w, D)."""
-  return x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
-
-
 def qkv_projections(x, num_heads: int, *, qkv_bias: bool, kernel_init):
   """The 'query', 'key', 'value' DenseGeneral projections (B, N, D) -> 3 x (B, N, H, D/H).
 

@@ -1,4 +1,5 @@
-"""Registries: models (name -> factory), blocks and token mixers (name -> Linen class).
+"""Registries: models (name -> factory); blocks, token mixers and downsampling layers
+(name -> Linen class).
 
 The three plug points of the backbone (DESIGN.md, decision 3):
   * the token carry (`backbone.Tokens`), a pytree of token streams;
@@ -6,6 +7,17 @@ The three plug points of the backbone (DESIGN.md, decision 3):
   * MIXERS: `mixer(x, *, train) -> x` on (B, N, D), no norm, no residual.
 A mixer may take `grid=(h, w)` (the token grid of x) when it needs 2-D structure;
 blocks pass it to mixers whose class sets `needs_grid = True`.
+DOWNSAMPLES: `layer(x, *, train) -> x` on (B, H, W, C) maps between the stages of a
+multi-stage model; built as `cls(width, **kwargs)`, each declares its `stride`.
+
+Wherever a block, mixer or downsampling layer is chosen, it can be given by registered name
+(configs, the command line) or directly as a Linen class or `functools.partial` of one (Python
+users), as timm's `block_fn`: `get_block`, `get_mixer` and `get_downsample` accept both.
+Register your own with the decorators (exported as `vitjax.register_mixer` and friends):
+
+    @vitjax.register_mixer("my_mixer")
+    class MyMixer(nn.Module): ...
+    model = vitjax.create_model("vit_s16", mixer="my_mixer")
 """
 from __future__ import annotations
 
@@ -16,6 +28,7 @@ from typing import Any, Callable
 MODELS: dict[str, Callable[..., Any]] = {}
 MIXERS: dict[str, type] = {}
 BLOCKS: dict[str, type] = {}
+DOWNSAMPLES: dict[str, type] = {}
 
 
 def _register(table: dict, kind: str, name: str):
@@ -42,7 +55,17 @@ def register_block(name: str):
   return _register(BLOCKS, "block", name)
 
 
-def _lookup(table: dict, kind: str, field: str, name: str):
+def register_downsample(name: str):
+  """Decorator: registers a downsampling layer (Linen class taking `width` first) under `name`."""
+  return _register(DOWNSAMPLES, "downsample", name)
+
+
+def _lookup(table: dict, kind: str, field: str, name):
+  if not isinstance(name, str):   # a Linen class or a functools.partial of one: used as given
+    if callable(name):
+      return name
+    raise ValueError(f"{field}={name!r} must be a registered {kind} name, a Linen class or a "
+                     f"functools.partial of one. Allowed names: {', '.join(sorted(table))}.")
   if name in table:
     return table[name]
   close = difflib.get_close_matches(name, list(table), n=5, cutoff=0.5)
@@ -51,12 +74,23 @@ def _lookup(table: dict, kind: str, field: str, name: str):
       f"Unknown {kind} {field}={name!r}.{hint} Allowed values: {', '.join(sorted(table))}.")
 
 
-def get_mixer(name: str) -> type:
+def get_mixer(name) -> type:
   return _lookup(MIXERS, "mixer", "mixer", name)
 
 
-def get_block(name: str) -> type:
+def get_block(name) -> type:
   return _lookup(BLOCKS, "block", "block", name)
+
+
+def get_downsample(name) -> type:
+  return _lookup(DOWNSAMPLES, "downsample", "downsample", name)
+
+
+def display_name(obj) -> str:
+  """A registered name as is; a class or partial by its class name (for error messages)."""
+  if isinstance(obj, str):
+    return obj
+  return getattr(getattr(obj, "func", obj), "__name__", repr(obj))
 
 
 def list_models(pattern: str = "*") -> list[str]:

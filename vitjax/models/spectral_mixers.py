@@ -25,7 +25,7 @@ from typing import Any, Callable, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vitjax.models.mixers import patches_to_grid, split_prefix
+from vitjax.models.layers import grid_to_tokens, tokens_to_grid
 from vitjax.models.registry import register_mixer
 from vitjax.ops import gnconv as gnconv_ops
 from vitjax.ops import hyena as hyena_ops
@@ -33,23 +33,6 @@ from vitjax.ops import spectral as spectral_ops
 
 GNCONV_VARIANTS = ("dwconv", "gf")
 trunc_normal = nn.initializers.truncated_normal
-
-
-def tokens_to_grid(x, grid, num_prefix: int):
-  """(B, P + h*w, D) -> prefix (B, P, D), patches (B, h, w, D); checks the token count."""
-  h, w = grid
-  if x.shape[1] - num_prefix != h * w:
-    raise ValueError(
-        f"tokens: {x.shape[1]} tokens with num_prefix={num_prefix} do not fit grid={grid} "
-        f"(expected {num_prefix + h * w})")
-  prefix, patches = split_prefix(x, num_prefix)
-  return prefix, patches_to_grid(patches, grid)
-
-
-def grid_to_tokens(prefix, y):
-  """prefix (B, P, D), y (B, h, w, D) -> (B, P + h*w, D), prefix first and unchanged."""
-  b, h, w, d = y.shape
-  return jnp.concatenate([prefix, y.reshape(b, h * w, d)], axis=1)
 
 
 def stored_filter_shape(module: nn.Module, name: str, filter_size, grid) -> tuple[int, int]:

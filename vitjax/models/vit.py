@@ -14,31 +14,20 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax.models import layers
-from vitjax.models.backbone import Encoder, Tokens
+from vitjax.models.backbone import (Classifier, Encoder, FeatureInfo, Tokens,
+                                    check_feature_blocks)
 from vitjax.models.registry import register_model
 
 POOLS = ("tok", "gap")
 
 
-def check_images(images, patch_size: int, *, field: str = "data.image_size"):
-  """Clear errors for the two input mistakes that would otherwise fail deep inside XLA."""
-  if images.ndim != 4:
-    raise ValueError(f"images must be NHWC (B, H, W, C); got shape {images.shape}")
-  h, w = images.shape[1:3]
-  if h % patch_size or w % patch_size:
-    raise ValueError(
-        f"{field}: image size {h}x{w} is not divisible by patch_size={patch_size}; allowed "
-        f"values are multiples of {patch_size}")
+class VisionTransformer(Classifier):
+  """ViT classifier: patches (+CLS) -> learned positions -> blocks -> pool -> linear head.
 
-
-def patch_conv(width: int, patch_size: int) -> nn.Conv:
-  """Non-overlapping patch embedding: a stride-P convolution named `embedding` (vit_jax)."""
-  p = patch_size
-  return nn.Conv(width, (p, p), strides=(p, p), padding="VALID", name="embedding")
-
-
-class VisionTransformer(nn.Module):
-  """ViT classifier: patches (+CLS) -> learned positions -> blocks -> pool -> linear head."""
+  Features: 'stem' is the patch embedding, 'stage1'..'stageK' the patch tokens after the blocks
+  in `feature_blocks` (default: up to four spread evenly, ending at the last block), all at
+  stride `patch_size`.
+  """
   num_classes: int = 1000
   patch_size: int = 16
   width: int = 768
@@ -46,57 +35,66 @@ class VisionTransformer(nn.Module):
   mlp_dim: int = 3072
   num_heads: int = 12
   pool: str = "tok"                 # 'tok' (CLS token) or 'gap' (mean of patch tokens)
-  block: str = "vit"
-  mixer: str = "mhsa"
+  block: Any = "vit"
+  mixer: Any = "mhsa"
   mixer_kwargs: Any = None
   attn_impl: str = "xla"
   dropout: float = 0.0
   drop_path: float = 0.0
   head_zero_init: bool = True
+  feature_blocks: tuple[int, ...] | None = None
+
+  def feature_info(self) -> list[FeatureInfo]:
+    blocks = check_feature_blocks(self.feature_blocks, self.depth)
+    return [FeatureInfo(name, self.width, self.patch_size)
+            for name in ["stem"] + [f"stage{i + 1}" for i in range(len(blocks))]]
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False):
+  def __call__(self, images, *, train: bool = False, features: bool = False):
     if self.pool not in POOLS:
       raise ValueError(f"Unknown pool={self.pool!r}. Allowed values: {', '.join(POOLS)}.")
-    check_images(images, self.patch_size)
-    x = patch_conv(self.width, self.patch_size)(images)  # (B, h, w, D)
-    b, h, w, d = x.shape
-    x = x.reshape(b, h * w, d)
-    num_prefix = 0
+    blocks = check_feature_blocks(self.feature_blocks, self.depth)
+    layers.check_images(images, self.patch_size)
+    x = layers.patch_conv(self.width, self.patch_size)(images)  # (B, h, w, D)
+    out = {"stem": x}
+    tokens = Tokens.from_map(x)
+    b, _, d = tokens.x.shape
     if self.pool == "tok":
       cls = self.param("cls", nn.initializers.zeros, (1, 1, d), x.dtype)
-      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), x], axis=1)
-      num_prefix = 1
-    block_kwargs = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, mixer=self.mixer,
-                        mixer_kwargs=self.mixer_kwargs, attn_impl=self.attn_impl,
-                        dropout=self.dropout)
-    tokens = Encoder(self.depth, block=self.block, block_kwargs=block_kwargs,
-                     drop_path=self.drop_path, name="Transformer")(
-                         Tokens(x, grid=(h, w), num_prefix=num_prefix), train=train)
-    x = tokens.x[:, 0] if self.pool == "tok" else tokens.x[:, num_prefix:].mean(axis=1)
+      tokens = tokens.replace(x=jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), tokens.x], 1),
+                              num_prefix=1)
+    block_kwargs = dict(mlp_dim=self.mlp_dim, mixer=self.mixer, mixer_kwargs=self.mixer_kwargs)
+    shared = dict(num_heads=self.num_heads, attn_impl=self.attn_impl, dropout=self.dropout)
+    tokens, taps = Encoder(self.depth, block=self.block, block_kwargs=block_kwargs, shared=shared,
+                           drop_path=self.drop_path, collect=blocks if features else (),
+                           name="Transformer")(tokens, train=train)
+    if features:
+      out.update({f"stage{i + 1}": taps[k].patch_map() for i, k in enumerate(blocks)})
+    x = tokens.x[:, 0] if self.pool == "tok" else tokens.x[:, tokens.num_prefix:].mean(axis=1)
     init = nn.initializers.zeros if self.head_zero_init else nn.initializers.xavier_uniform()
-    return nn.Dense(self.num_classes, kernel_init=init, name="head")(x)
+    return self.classify(x, out, features, kernel_init=init)
 
 
-# name: (patch_size, width, depth, mlp_dim, num_heads). The patch-4 variants are for 28-32 px
-# inputs (Fashion-MNIST, CIFAR); `nano` is small enough to train in minutes on a laptop CPU.
+# Sizes of the registered variants, as timm's entry functions give them. The patch-4 variants are
+# for 28-32 px inputs (Fashion-MNIST, CIFAR); `nano` is small enough to train in minutes on a
+# laptop CPU.
 VARIANTS = {
-    "vit_ti16": (16, 192, 12, 768, 3),
-    "vit_s16": (16, 384, 12, 1536, 6),
-    "vit_b16": (16, 768, 12, 3072, 12),
-    "vit_l16": (16, 1024, 24, 4096, 16),
-    "vit_b32": (32, 768, 12, 3072, 12),
-    "vit_nano4": (4, 128, 6, 512, 4),
-    "vit_ti4": (4, 192, 12, 768, 3),
-    "vit_s4": (4, 384, 12, 1536, 6),
+    "vit_ti16": dict(patch_size=16, width=192, depth=12, mlp_dim=768, num_heads=3),
+    "vit_s16": dict(patch_size=16, width=384, depth=12, mlp_dim=1536, num_heads=6),
+    "vit_b16": dict(patch_size=16, width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "vit_l16": dict(patch_size=16, width=1024, depth=24, mlp_dim=4096, num_heads=16),
+    "vit_b32": dict(patch_size=32, width=768, depth=12, mlp_dim=3072, num_heads=12),
+    "vit_nano4": dict(patch_size=4, width=128, depth=6, mlp_dim=512, num_heads=4),
+    "vit_ti4": dict(patch_size=4, width=192, depth=12, mlp_dim=768, num_heads=3),
+    "vit_s4": dict(patch_size=4, width=384, depth=12, mlp_dim=1536, num_heads=6),
 }
 
 
-def _factory(**kwargs):
+def _factory(variant, **overrides):
+  kwargs = {**VARIANTS[variant], **overrides}
   layers.check_overrides(VisionTransformer, kwargs, what="VisionTransformer")
   return VisionTransformer(**kwargs)
 
 
-for _name, _spec in VARIANTS.items():
-  register_model(_name)(functools.partial(
-      _factory, **dict(zip(("patch_size", "width", "depth", "mlp_dim", "num_heads"), _spec))))
+for _name in VARIANTS:
+  register_model(_name)(functools.partial(_factory, _name))
