@@ -1,5 +1,8 @@
 """Registry, parameter counts and the forward contract of every registered model."""
 import fnmatch
+import glob
+import importlib
+import os
 
 import chex
 import jax
@@ -50,10 +53,15 @@ def test_vit_param_counts(name):
 
 
 def test_every_registered_model_has_a_pinned_count():
-  """Each family's test file pins its models; this guards against a registration nobody counts."""
+  """Each family's test file pins its models in a PINNED_COUNTS dict; this guards against a
+  registration nobody counts."""
   pinned = set(VIT_COUNTS)
-  for mod in ("test_lookupvit", "test_spectformer_hornet"):
-    pinned |= set(__import__(f"tests.{mod}", fromlist=["PINNED_COUNTS"]).PINNED_COUNTS)
+  for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "test_*.py"))):
+    name = os.path.basename(path)[:-3]
+    with open(path) as f:
+      if "PINNED_COUNTS" not in f.read():
+        continue
+    pinned |= set(importlib.import_module(f"tests.{name}").PINNED_COUNTS)
   missing = [n for n in vitjax.list_models() if n not in pinned]
   assert not missing, f"registered models without a pinned parameter count: {missing}"
 
