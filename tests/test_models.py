@@ -59,7 +59,7 @@ def test_every_registered_model_has_a_pinned_count():
   for path in sorted(glob.glob(os.path.join(os.path.dirname(__file__), "test_*.py"))):
     name = os.path.basename(path)[:-3]
     with open(path) as f:
-      if "PINNED_COUNTS" not in f.read():
+      if "\nPINNED_COUNTS" not in f.read():
         continue
     pinned |= set(importlib.import_module(f"tests.{name}").PINNED_COUNTS)
   missing = [n for n in vitjax.list_models() if n not in pinned]
