@@ -4,11 +4,13 @@ import importlib
 import json
 import os
 
+import numpy as np
 import pytest
 
 from tests import fixtures
 import vitjax
 from vitjax import train
+from vitjax.models import schedules
 
 CONFIG_DIR = os.path.join(os.path.dirname(vitjax.__file__), "configs")
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
@@ -30,7 +32,7 @@ def test_config_builds_a_model(name, arg):
   for field in ("name", "data_dir", "source_dir", "image_size", "train_split", "eval_split"):
     assert field in c.data, field
   model = vitjax.create_model(c.model_name, num_classes=10, **c.model)
-  assert train.model_grids(model, c)  # grids are consistent with the model
+  assert schedules.for_model(model, c).evals()  # grids are consistent with the model
 
 
 @pytest.fixture(scope="module")
@@ -80,21 +82,27 @@ def test_bad_grid_weights_name_the_field(weights):
   c = get_config("lookupvit")
   c.grids, c.grid_weights = ((3, 3), (5, 5)), weights
   with pytest.raises(ValueError, match=r"config.grid_weights"):
-    train.grid_probabilities(c, len(c.grids))
+    schedules.for_model(vitjax.create_model(c.model_name, num_classes=10), c)
 
 
 def test_grid_sampling_follows_the_weights_and_is_a_function_of_the_step():
   c = get_config("lookupvit")
   c.grids, c.grid_weights = ((3, 3), (4, 4), (5, 5)), (1.0, 0.0, 3.0)
-  grids = [tuple(g) for g in c.grids]
-  probs = train.grid_probabilities(c, len(grids))
-  drawn = [train.sample_grid(grids, probs, 0, step) for step in range(1, 4001)]
+  c.seed = 0
+  schedule = schedules.GridSchedule.from_config(c)
+  drawn = [schedule.train_kwargs(step)["grid"] for step in range(1, 4001)]
   assert drawn.count((4, 4)) == 0
   assert abs(drawn.count((5, 5)) / len(drawn) - 0.75) < 0.03
-  assert drawn[:50] == [train.sample_grid(grids, probs, 0, step) for step in range(1, 51)]
+  again = schedules.GridSchedule.from_config(c)  # a resumed run builds its schedule afresh
+  assert drawn[:50] == [again.train_kwargs(step)["grid"] for step in range(1, 51)]
+  # The draw is the one the runner has always made, so existing LookupViT runs reproduce.
+  probs = np.array([0.25, 0.0, 0.75])
+  assert drawn[:50] == [tuple(c.grids[np.random.default_rng([0, s]).choice(3, p=probs)])
+                        for s in range(1, 51)]
   c.grid_weights = ()
-  uniform = train.grid_probabilities(c, len(grids))
+  uniform = schedules.GridSchedule.from_config(c).probs
   assert list(uniform) == pytest.approx([1 / 3] * 3)
+  assert schedules.GridSchedule.from_config(c).headline == "@5x5"  # plain eval keys: largest grid
 
 
 def test_vit_rejects_grids(fmnist, tmp_path):

@@ -4,14 +4,15 @@
 Data parallelism is jit + NamedSharding on a ('data',) mesh over all devices (DESIGN.md, decision 5):
 batches are sharded along 'data', parameters and optimizer state are replicated.
 Re-running with the same workdir resumes from the last checkpoint, with the same data stream, dropout
-keys (folded from the step) and LookupViT grids (drawn from the step), so a resumed run ends where an
-uninterrupted one would.
+keys (folded from the step) and per-step apply arguments (drawn from the step by the model's schedule,
+`vitjax.models.schedules`, e.g. LookupViT's grids), so a resumed run ends where an uninterrupted one
+would. The loop knows no model: what varies per step comes from the schedule, and BatchNorm running
+statistics (`batch_stats`) travel in the train state next to the params.
 """
 from __future__ import annotations
 
 import functools
 import os
-import re
 import time
 from typing import Any
 
@@ -26,6 +27,7 @@ from vitjax import data as vdata
 from vitjax import metrics as vmetrics
 from vitjax import optim
 from vitjax.models import create_model
+from vitjax.models import schedules
 
 
 def make_mesh() -> jax.sharding.Mesh:
@@ -33,68 +35,64 @@ def make_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def model_grids(model, config) -> tuple[list, list]:
-  """(train grids, eval grids) as lists of (h, w); [None] for models without a compressed grid."""
-  takes_grid = hasattr(model, "grid")
-  grids = [tuple(int(v) for v in g) for g in config.grids]
-  eval_grids = [tuple(int(v) for v in g) for g in config.eval_grids] or grids
-  if not takes_grid:
-    if grids or eval_grids or config.get("grid_weights"):
-      raise ValueError(f"config.grids / config.eval_grids / config.grid_weights are set, but "
-                       f"model_name={config.model_name!r} has no compressed-token grid; leave them "
-                       "empty")
-    return [None], [None]
-  if not grids:
-    raise ValueError(f"config.grids is empty: model_name={config.model_name!r} needs at least one "
-                     "compressed grid (h, w) to train with, e.g. ((3, 3), (5, 5), (7, 7))")
-  return grids, eval_grids
+def static_kwargs(kwargs: dict) -> tuple:
+  """Apply kwargs as a hashable tuple of items, the form jit takes as a static argument."""
+  return tuple(sorted(kwargs.items()))
 
 
-def grid_probabilities(config, num_grids: int) -> np.ndarray:
-  """Per-step sampling probabilities of config.grids: config.grid_weights normalised, or uniform."""
-  weights = tuple(config.get("grid_weights", ())) or (1.0,) * num_grids
-  w = np.asarray(weights, np.float64)
-  if len(w) != num_grids or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
-    raise ValueError(f"config.grid_weights={tuple(weights)!r}: give one non-negative weight per entry "
-                     f"of config.grids ({num_grids}), not all zero, or () for uniform sampling")
-  return w / w.sum()
+def _variables(params, batch_stats):
+  return {"params": params} if batch_stats is None else {"params": params, "batch_stats": batch_stats}
 
 
-def sample_grid(grids: list, probs: np.ndarray, seed: int, step: int):
-  """The grid of one training step: a pure function of (seed, step), so a resumed run draws the same."""
-  return grids[np.random.default_rng([seed, step]).choice(len(grids), p=probs)]
-
-
-def _apply(model, params, images, grid, **kw):
-  extra = {} if grid is None else {"grid": grid}
-  return model.apply({"params": params}, images, **extra, **kw)
+def state_variables(state) -> dict:
+  """The model variables held by a train state: params, and batch_stats for BatchNorm models."""
+  return _variables(state["params"], state.get("batch_stats"))
 
 
 def make_train_step(model, tx, *, label_smoothing: float = 0.0):
-  """A pure `train_step(state, batch, key, grid) -> (state, (loss, param_norm))`; jit with `grid` static.
+  """A pure `train_step(state, batch, key, apply_kwargs=()) -> (state, (loss, norm))`.
 
-  The parameter norm is returned so the loop can refuse to checkpoint parameters that went non-finite
-  even when the loss of the step that produced them was still finite.
+  `apply_kwargs` is a tuple of (name, value) items (`static_kwargs(schedule.train_kwargs(step))`);
+  jit it as a static argument. When the state holds `batch_stats` (BatchNorm models), the model is
+  applied with them mutable and the step stores the updated running statistics. They are
+  computed over the batch as one global array: under jit with the batch sharded along 'data',
+  XLA inserts the cross-device reductions, so 8 devices give the statistics of the whole batch,
+  as one device would.
+
+  The norm of the parameters (and running statistics) is returned so the loop can refuse to
+  checkpoint a state that went non-finite even when the loss of the step that produced it was
+  still finite.
   """
-  def loss_fn(params, batch, key, grid):
-    logits = _apply(model, params, batch["image"], grid, train=True, rngs={"dropout": key})
+  def loss_fn(params, batch_stats, batch, key, kwargs):
+    variables = _variables(params, batch_stats)
+    if batch_stats is None:
+      logits = model.apply(variables, batch["image"], train=True, rngs={"dropout": key}, **kwargs)
+    else:
+      logits, updates = model.apply(variables, batch["image"], train=True, rngs={"dropout": key},
+                                    mutable=["batch_stats"], **kwargs)
+      batch_stats = updates["batch_stats"]
     labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)
-    return optax.softmax_cross_entropy(logits, labels).mean()
+    return optax.softmax_cross_entropy(logits, labels).mean(), batch_stats
 
-  def train_step(state, batch, key, grid=None):
+  def train_step(state, batch, key, apply_kwargs=()):
     key = jax.random.fold_in(key, state["step"])
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, key, grid)
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state.get("batch_stats"), batch, key, dict(apply_kwargs))
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1)
-    param_norm = jnp.sqrt(sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params)))
-    return new_state, (loss, param_norm)
+    if batch_stats is not None:
+      new_state["batch_stats"] = batch_stats
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(state_variables(new_state))))
+    return new_state, (loss, norm)
   return train_step
 
 
 def make_eval_step(model):
-  def eval_step(params, batch, grid=None):
-    logits = _apply(model, params, batch["image"], grid, train=False)
+  """`eval_step(variables, batch, apply_kwargs=()) -> (loss sum, correct sum, count)`; BatchNorm
+  layers use their running averages (train=False, nothing mutable)."""
+  def eval_step(variables, batch, apply_kwargs=()):
+    logits = model.apply(variables, batch["image"], train=False, **dict(apply_kwargs))
     mask = batch["mask"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
@@ -102,16 +100,12 @@ def make_eval_step(model):
   return eval_step
 
 
-def gmacs(model, params, image_shape, grid) -> float:
+def gmacs(model, variables, image_shape, apply_kwargs: dict | None = None) -> float:
   """Multiply-accumulates (x1e9) of one image's forward pass, counted by XLA's cost analysis."""
-  fn = jax.jit(lambda p, x: _apply(model, p, x, grid, train=False))
-  cost = fn.lower(params, jnp.zeros((1, *image_shape), jnp.float32)).compile().cost_analysis()
+  fn = jax.jit(lambda v, x: model.apply(v, x, train=False, **(apply_kwargs or {})))
+  cost = fn.lower(variables, jnp.zeros((1, *image_shape), jnp.float32)).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"]) / 2e9
-
-
-def grid_name(grid) -> str:
-  return "" if grid is None else f"@{grid[0]}x{grid[1]}"
 
 
 def _check_batch(name: str, value: int):
@@ -119,39 +113,6 @@ def _check_batch(name: str, value: int):
   if value <= 0 or value % n:
     raise ValueError(f"config.{name}={value} is not divisible by the device count {n}; allowed "
                      f"values are positive multiples of {n}")
-
-
-def _load_init_from(config, params):
-  """Loads config.init_from strictly: every param must match by path and shape unless skipped."""
-  loaded, _ = checkpoint.load_params(config.init_from)
-  flat_new = {"/".join(k): v for k, v in _flatten(params)}
-  flat_old = {"/".join(k): v for k, v in _flatten(loaded)}
-  skip = re.compile(config.init_from_skip) if config.init_from_skip else None
-  problems = []
-  for path, value in flat_new.items():
-    if skip and skip.search(path):
-      continue
-    if path not in flat_old:
-      problems.append(f"missing {path}")
-    elif flat_old[path].shape != value.shape:
-      problems.append(f"shape {path}: checkpoint {flat_old[path].shape} vs model {value.shape}")
-  problems += [f"unexpected {p}" for p in flat_old if p not in flat_new and not (skip and skip.search(p))]
-  if problems:
-    raise ValueError(f"init_from={config.init_from!r} does not fit model_name={config.model_name!r} "
-                     f"(init_from_skip={config.init_from_skip!r}): " + "; ".join(problems))
-  merged = {p: (v if skip and skip.search(p) else jnp.asarray(flat_old[p], v.dtype))
-            for p, v in flat_new.items()}
-  return _unflatten(merged, params)
-
-
-def _flatten(tree):
-  return [(tuple(getattr(k, "key", str(k)) for k in path), v)
-          for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def _unflatten(flat: dict, like):
-  leaves = [flat["/".join(k)] for k, _ in _flatten(like)]
-  return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
@@ -173,20 +134,28 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   batch_sharding = jax.NamedSharding(mesh, jax.P("data"))
   info = vdata.dataset_info(config.data)
   model = create_model(config.model_name, num_classes=info.num_classes, **config.model.to_dict())
-  grids, eval_grids = model_grids(model, config)
-  grid_probs = grid_probabilities(config, len(grids))
-  tx, schedule = optim.make_optimizer(config)
+  apply_schedule = schedules.for_model(model, config)
+  evals = apply_schedule.evals()
+  tx, lr_schedule = optim.make_optimizer(config)
 
   key = jax.random.key(config.seed)
   init_key, dropout_key = jax.random.split(key)
   dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
-  for g in set(grids + eval_grids):  # Validates every grid before anything is compiled.
-    jax.eval_shape(functools.partial(model.init, grid=g) if g else model.init, init_key, dummy)
+  settings = [apply_schedule.init_kwargs(), *apply_schedule.train_settings(), *(kw for _, kw in evals)]
+  for kw in {static_kwargs(kw): kw for kw in settings}.values():  # Checks before compiling.
+    shapes = jax.eval_shape(functools.partial(model.init, **kw), init_key, dummy)
+    if set(shapes) - {"params", "batch_stats"}:
+      raise ValueError(f"model_name={config.model_name!r} keeps variable collections "
+                       f"{sorted(shapes)}; the runner carries only 'params' and 'batch_stats'")
 
   @functools.partial(jax.jit, out_shardings=repl)
   def init_state(k):
-    params = (model.init(k, dummy, grid=grids[-1]) if grids[-1] else model.init(k, dummy))["params"]
-    return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+    variables = model.init(k, dummy, **apply_schedule.init_kwargs())
+    params = variables["params"]
+    state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+    if "batch_stats" in variables:
+      state["batch_stats"] = variables["batch_stats"]
+    return state
 
   state = init_state(init_key)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
@@ -199,7 +168,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                     process_count=jax.process_count())
   start = ckpt.latest_step()
   if start is not None:
-    state, data_state = ckpt.restore(start, state)
+    state, data_state = ckpt.restore(start, state, model_name=config.model_name)
     train_iter.set_state(data_state)
     writer.truncate_after(start)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
@@ -209,10 +178,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       state = init_state_from(config, state, tx, repl)
 
   train_step = jax.jit(make_train_step(model, tx, label_smoothing=config.label_smoothing),
-                       donate_argnums=(0,), static_argnames=("grid",),
+                       donate_argnums=(0,), static_argnames=("apply_kwargs",),
                        out_shardings=(repl, repl))
-  eval_step = jax.jit(make_eval_step(model), static_argnames=("grid",))
-  macs = {g: gmacs(model, state["params"], info.image_shape, g) for g in eval_grids}
+  eval_step = jax.jit(make_eval_step(model), static_argnames=("apply_kwargs",))
+  macs = {name: gmacs(model, state_variables(state), info.image_shape, kw) for name, kw in evals}
 
   def to_global(batch):
     return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
@@ -220,20 +189,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   def evaluate(step):
     row = {}
-    for g in eval_grids:
+    for name, kw in evals:
       sums = np.zeros(3)
       for batch in vdata.eval_iterator(config.data, batch_size=config.eval_batch_size,
                                        process_index=jax.process_index(),
                                        process_count=jax.process_count()):
-        sums += np.asarray(jax.device_get(eval_step(state["params"], to_global(batch), grid=g)))
+        sums += np.asarray(jax.device_get(eval_step(state_variables(state), to_global(batch),
+                                                    apply_kwargs=static_kwargs(kw))))
       loss, acc = sums[0] / sums[2], sums[1] / sums[2]
-      row.update({f"eval/loss{grid_name(g)}": loss, f"eval/accuracy{grid_name(g)}": acc,
-                  f"eval/gmacs{grid_name(g)}": macs[g]})
-      logging.info("eval step %d%s: loss %.4f accuracy %.4f (%.4f GMACs/image)", step,
-                   grid_name(g) or "", loss, acc, macs[g])
-    if eval_grids[0] is not None:  # The plain keys report the largest budget.
-      big = grid_name(max(eval_grids, key=lambda g: g[0] * g[1]))
-      row.update({"eval/loss": row[f"eval/loss{big}"], "eval/accuracy": row[f"eval/accuracy{big}"]})
+      row.update({f"eval/loss{name}": loss, f"eval/accuracy{name}": acc,
+                  f"eval/gmacs{name}": macs[name]})
+      logging.info("eval step %d%s: loss %.4f accuracy %.4f (%.4f GMACs/image)", step, name, loss,
+                   acc, macs[name])
+    headline = apply_schedule.headline  # The plain keys repeat the schedule's headline setting.
+    if headline:
+      row.update({"eval/loss": row[f"eval/loss{headline}"],
+                  "eval/accuracy": row[f"eval/accuracy{headline}"]})
     if jax.process_index() == 0:
       writer.write(step, row)
       writer.plot()
@@ -243,8 +214,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   t_log, step_log = time.time(), start
   try:
     for step in range(start + 1, config.total_steps + 1):
-      grid = sample_grid(grids, grid_probs, config.seed, step)
-      state, loss = train_step(state, to_global(next(train_iter)), dropout_key, grid=grid)
+      kw = static_kwargs(apply_schedule.train_kwargs(step))
+      state, loss = train_step(state, to_global(next(train_iter)), dropout_key, apply_kwargs=kw)
       losses.append(loss)
       is_ckpt = step % config.checkpoint_every_steps == 0 or step == config.total_steps
       if step % config.log_every_steps == 0 or is_ckpt:
@@ -259,7 +230,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         elapsed = time.time() - t_log
         sec_per_step = elapsed / max(step - step_log, 1)
         ips = config.batch_size / sec_per_step
-        lr = float(schedule(step))
+        lr = float(lr_schedule(step))
         if jax.process_index() == 0:
           writer.write(step, {"train/loss": values.mean(), "train/lr": lr, "train/images_per_sec": ips})
         vmetrics.log_progress(step, config.total_steps, float(values.mean()), ips, lr, sec_per_step)
@@ -277,6 +248,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
 
 def init_state_from(config, state, tx, sharding):
-  params = _load_init_from(config, state["params"])
+  """A fresh state whose params (and batch_stats) come from config.init_from, strictly matched."""
+  params, batch_stats = checkpoint.load_init_from(
+      config.init_from, state["params"], skip=config.init_from_skip, model_name=config.model_name,
+      batch_stats=state.get("batch_stats"))
   params = jax.device_put(params, sharding)
-  return dict(params=params, opt_state=jax.device_put(tx.init(params), sharding), step=state["step"])
+  new = dict(params=params, opt_state=jax.device_put(tx.init(params), sharding), step=state["step"])
+  if "batch_stats" in state:
+    new["batch_stats"] = jax.device_put(batch_stats, sharding)
+  return new
