@@ -325,8 +325,8 @@ def test_tfrecord_dataset_error(tmp_path):
 def test_bad_config_fields(fmnist):
   cfg = fmnist[0]
   for field, value, needle in (
-      ("augment", "mixup", "data.augment must be one of ('none', 'crop_flip')"),
-      ("channels", 2, "data.channels must be one of (0, 1, 3)"),
+      ("augment", "mixup", "Unknown data.augment='mixup'. Allowed values: none, crop_flip."),
+      ("channels", 2, "Unknown data.channels=2. Allowed values: 0, 1, 3."),
       ("image_size", 0, "data.image_size must be a positive int"),
       ("eval_split", "validation", "data.eval_split='validation' is not a split")):
     bad = cfg.copy_and_resolve_references()

@@ -33,13 +33,14 @@ def step_ms(model, grid, image_size, batch, repeats, tx) -> float:
   params = model.init(jax.random.key(0), data["image"][:1], **extra)["params"]
   state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
   fn = jax.jit(train.make_train_step(model, tx), static_argnums=3)
-  state, _ = fn(state, data, jax.random.key(0), grid)
+  kwargs = train.static_kwargs(extra)
+  state, _ = fn(state, data, jax.random.key(0), kwargs)
   jax.block_until_ready(state)
   best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()
     for _ in range(8):
-      state, _ = fn(state, data, jax.random.key(0), grid)
+      state, _ = fn(state, data, jax.random.key(0), kwargs)
     jax.block_until_ready(state)
     best = min(best, (time.perf_counter() - t0) / 8)
   return best * 1e3

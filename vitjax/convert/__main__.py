@@ -14,6 +14,8 @@ import sys
 
 import numpy as np
 
+from vitjax import choices
+
 SOURCES = ("timm", "big_vision")
 
 
@@ -33,8 +35,7 @@ def convert_file(source: str, model: str, checkpoint: str):
   """(source, model name, file) -> `Converted`; raises ValueError with the reason."""
   # Imported here so `--help` answers without loading JAX.
   from vitjax import convert  # pylint: disable=g-import-not-at-top
-  if source not in SOURCES:
-    raise ValueError(f"Unknown --from={source!r}. Allowed values: {', '.join(SOURCES)}.")
+  choices.check("--from", source, SOURCES)
   if source == "big_vision":
     if not checkpoint.lower().endswith(".npz"):
       raise ValueError(f"--from=big_vision reads .npz files; got checkpoint={checkpoint!r}")
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
     return 2
   from vitjax import checkpoint  # pylint: disable=g-import-not-at-top
   params = converted.variables["params"]
-  checkpoint.save_params(args.out, params, meta=converted.meta)
+  checkpoint.save_params(args.out, params, meta=converted.meta,
+                         batch_stats=converted.variables.get("batch_stats"))
   import jax  # pylint: disable=g-import-not-at-top
   count = sum(int(np.size(x)) for x in jax.tree.leaves(params))
   meta = converted.meta

@@ -26,6 +26,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from vitjax import choices
 from vitjax.data import preprocess
 from vitjax.data import sources
 
@@ -81,11 +82,10 @@ def _spec(cfg) -> _Spec:
   )
   if not isinstance(spec.image_size, int) or isinstance(spec.image_size, bool) or spec.image_size < 1:
     raise ValueError(f"data.image_size must be a positive int, got {spec.image_size!r}.")
-  if spec.channels not in CHANNELS or isinstance(spec.channels, bool):
-    raise ValueError(f"data.channels must be one of {CHANNELS} (0 keeps the dataset's), got "
-                     f"{spec.channels!r}.")
-  if spec.augment not in AUGMENTATIONS:
-    raise ValueError(f"data.augment must be one of {AUGMENTATIONS}, got {spec.augment!r}.")
+  if isinstance(spec.channels, bool):   # True == 1 would pass the membership test
+    raise choices.unknown("data.channels", spec.channels, CHANNELS)
+  choices.check("data.channels", spec.channels, CHANNELS)   # 0 keeps the dataset's channels
+  choices.check("data.augment", spec.augment, AUGMENTATIONS)
   for field in ("train_split", "eval_split"):
     if not isinstance(getattr(spec, field), str) or not getattr(spec, field):
       raise ValueError(f"data.{field} must be a TFDS split name such as 'train', got "

@@ -17,6 +17,7 @@ import logging
 
 import jax
 
+from vitjax import choices
 from vitjax.ops import attention as ops_attention
 
 _LOG = logging.getLogger(__name__)
@@ -70,8 +71,7 @@ def _log_fallback_once(reason: str):
 
 def resolve(impl: str, q, k, v, bias=None, mask=None) -> str:
   """Returns the kernel name `impl` resolves to for these inputs, raising if it cannot run them."""
-  if impl not in IMPLS:
-    raise ValueError(f"Unknown attn_impl={impl!r}. Allowed values: {', '.join(IMPLS)}.")
+  choices.check("attn_impl", impl, IMPLS)
   if impl == "auto":
     reasons = []
     for name in AUTO_ORDER.get(jax.default_backend(), ()):

@@ -28,6 +28,7 @@ from typing import Any, Callable, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vitjax import choices
 from vitjax.models import layers
 from vitjax.models.backbone import (MultiStageModel, StageNames, StageSpec, Tokens, build_mixer,
                                     call_mixer)
@@ -98,9 +99,7 @@ class HorNet(MultiStageModel):
       if len(getattr(self, field)) != n:
         raise ValueError(f"{field} needs one entry per stage ({n}); got {getattr(self, field)}")
     for v in self.variants:
-      if v not in GNCONV_VARIANTS:
-        raise ValueError(
-            f"Unknown variants entry {v!r}. Allowed values: {', '.join(GNCONV_VARIANTS)}.")
+      choices.check("variants entry", v, GNCONV_VARIANTS)
 
   def stem_stride(self) -> int:
     return 4

@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax import choices
 from vitjax.models import layers
 from vitjax.models.backbone import (Classifier, Encoder, FeatureInfo, Tokens,
                                     check_feature_blocks)
@@ -109,7 +110,7 @@ MHBC_IMPLS = ("auto", "project", "absorb")
 
 def check_mhbc_impl(impl: str):
   if impl not in MHBC_IMPLS:
-    raise ValueError(f"Unknown mhbc_impl={impl!r}. Allowed values: {', '.join(MHBC_IMPLS)}.")
+    raise choices.unknown("mhbc_impl", impl, MHBC_IMPLS)
 
 
 def use_absorbed(impl: str, m: int, n: int, d: int, heads: int) -> bool:
@@ -272,11 +273,8 @@ class LookupViT(Classifier):
   feature_blocks: tuple[int, ...] | None = None
 
   def __post_init__(self):
-    if self.head_source not in HEAD_SOURCES:
-      raise ValueError(f"Unknown head_source={self.head_source!r}. "
-                       f"Allowed values: {', '.join(HEAD_SOURCES)}.")
-    if self.posemb not in POSEMBS:
-      raise ValueError(f"Unknown posemb={self.posemb!r}. Allowed values: {', '.join(POSEMBS)}.")
+    choices.check("head_source", self.head_source, HEAD_SOURCES)
+    choices.check("posemb", self.posemb, POSEMBS)
     resize_ops.check_method(self.compress_resize, field="compress_resize")
     ratio = self.lookup_mlp_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:

@@ -21,9 +21,10 @@ Register your own with the decorators (exported as `vitjax.register_mixer` and f
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from typing import Any, Callable
+
+from vitjax import choices
 
 MODELS: dict[str, Callable[..., Any]] = {}
 MIXERS: dict[str, type] = {}
@@ -68,10 +69,7 @@ def _lookup(table: dict, kind: str, field: str, name):
                      f"functools.partial of one. Allowed names: {', '.join(sorted(table))}.")
   if name in table:
     return table[name]
-  close = difflib.get_close_matches(name, list(table), n=5, cutoff=0.5)
-  hint = f" Did you mean: {', '.join(close)}?" if close else ""
-  raise ValueError(
-      f"Unknown {kind} {field}={name!r}.{hint} Allowed values: {', '.join(sorted(table))}.")
+  raise choices.unknown(f"{kind} {field}", name, sorted(table))
 
 
 def get_mixer(name) -> type:

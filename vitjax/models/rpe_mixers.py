@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitjax import choices
 from vitjax.models import mixers
 from vitjax.models.registry import register_mixer
 from vitjax.ops import gmm as ops_gmm
@@ -42,8 +43,7 @@ _SCOPE = "MultiHeadDotProductAttention_0"   # same as 'mhsa': checkpoints map by
 
 
 def _check_rpe(rpe: str):
-  if rpe not in RPE_MODES:
-    raise ValueError(f"Unknown rpe={rpe!r}. Allowed values: {', '.join(RPE_MODES)}.")
+  choices.check("rpe", rpe, RPE_MODES)
 
 
 def _patch_layout(num_tokens: int, grid, num_prefix: int, rpe: str, mixer: str):

@@ -25,6 +25,7 @@ from typing import Any, Callable, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vitjax import choices
 from vitjax.models.layers import grid_to_tokens, tokens_to_grid
 from vitjax.models.registry import register_mixer
 from vitjax.ops import gnconv as gnconv_ops
@@ -47,11 +48,6 @@ def stored_filter_shape(module: nn.Module, name: str, filter_size, grid) -> tupl
   if len(size) != 2 or min(size) < 1:
     raise ValueError(f"filter_size must be a pair of positive ints (h, w); got {filter_size!r}")
   return spectral_ops.rfft_grid(size)
-
-
-def _check_choice(field: str, value, allowed):
-  if value not in allowed:
-    raise ValueError(f"Unknown {field}={value!r}. Allowed values: {', '.join(allowed)}.")
 
 
 @register_mixer("spectral_gating")
@@ -139,7 +135,7 @@ class GnConv(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, grid, num_prefix: int = 0, train: bool = False):
-    _check_choice("variant", self.variant, GNCONV_VARIANTS)
+    choices.check("variant", self.variant, GNCONV_VARIANTS)
     prefix, u = tokens_to_grid(x, grid, num_prefix)                    # (B, h, w, C)
     c = u.shape[-1]
     dims = gnconv_ops.gnconv_dims(c, self.order)
@@ -181,7 +177,7 @@ class HyenaND(nn.Module):
 
   @nn.compact
   def __call__(self, x, *, grid, num_prefix: int = 0, train: bool = False):
-    _check_choice("conv_impl", self.conv_impl, hyena_ops.LONG_CONV_IMPLS)
+    choices.check("conv_impl", self.conv_impl, hyena_ops.LONG_CONV_IMPLS)
     if self.order < 1:
       raise ValueError(f"hyena_nd order must be >= 1; got order={self.order}")
     prefix, u = tokens_to_grid(x, grid, num_prefix)                    # (B, h, w, C)

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vitjax import choices
 from vitjax.models import layers
 from vitjax.models.backbone import (Classifier, Encoder, FeatureInfo, Tokens,
                                     check_feature_blocks)
@@ -51,8 +52,7 @@ class VisionTransformer(Classifier):
 
   @nn.compact
   def __call__(self, images, *, train: bool = False, features: bool = False):
-    if self.pool not in POOLS:
-      raise ValueError(f"Unknown pool={self.pool!r}. Allowed values: {', '.join(POOLS)}.")
+    choices.check("pool", self.pool, POOLS)
     blocks = check_feature_blocks(self.feature_blocks, self.depth)
     layers.check_images(images, self.patch_size)
     x = layers.patch_conv(self.width, self.patch_size)(images)  # (B, h, w, D)

@@ -28,6 +28,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from vitjax import choices
+
 LONG_CONV_IMPLS = ("fft", "direct")
 
 
@@ -124,8 +126,7 @@ def long_conv2d(u, k, *, impl: str = "fft"):
     return long_conv2d_fft(u, k)
   if impl == "direct":
     return long_conv2d_direct(u, k)
-  raise ValueError(
-      f"Unknown long-conv impl={impl!r}. Allowed values: {', '.join(LONG_CONV_IMPLS)}.")
+  raise choices.unknown("long-conv impl", impl, LONG_CONV_IMPLS)
 
 
 def hyena_recurrence(v, gates, filters, skips, *, impl: str = "fft"):

@@ -33,6 +33,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from vitjax import choices
 from vitjax.ops import toeplitz
 
 TOEPLITZ_IMPLS = ("fft", "dense")
@@ -154,9 +155,7 @@ def krpe_attention(q, k, v, rel_bias, projection, *, grid=None, num_prefix: int 
   Returns:
     (B, N, H, dv) attended values.
   """
-  if toeplitz_impl not in TOEPLITZ_IMPLS:
-    raise ValueError(f"Unknown toeplitz_impl={toeplitz_impl!r}. "
-                     f"Allowed values: {', '.join(TOEPLITZ_IMPLS)}.")
+  choices.check("toeplitz_impl", toeplitz_impl, TOEPLITZ_IMPLS)
   _, n_all, num_heads, d = q.shape
   n = n_all - num_prefix
   if grid is not None:

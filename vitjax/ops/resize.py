@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax import choices
+
 METHODS = ("bilinear", "bilinear_aa")
 
 
 def check_method(method: str, *, field: str = "compress_resize") -> None:
-  if method not in METHODS:
-    raise ValueError(f"Unknown {field}={method!r}. Allowed values: {', '.join(METHODS)}.")
+  choices.check(field, method, METHODS)
 
 
 @functools.lru_cache(maxsize=256)
