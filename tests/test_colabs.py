@@ -5,14 +5,13 @@ import nbformat
 from nbclient import NotebookClient
 import pytest
 
-from tests import fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("name", ["lookupvit_quickstart.ipynb"])
-def test_colab_runs(name, tmp_path, monkeypatch):
-  src = fixtures.write_fashion_mnist_idx(str(tmp_path / "src"), n_train=128, n_test=32)
+def test_colab_runs(name, fmnist, tmp_path, monkeypatch):
+  src = fmnist.source_dir
   monkeypatch.setenv("VITJAX_COLAB_SMALL", "1")
   monkeypatch.setenv("VITJAX_COLAB_SOURCE_DIR", src)
   monkeypatch.setenv("VITJAX_COLAB_WORKDIR", str(tmp_path / "run"))

@@ -35,16 +35,10 @@ def test_config_builds_a_model(name, arg):
   assert schedules.for_model(model, c).evals()  # grids are consistent with the model
 
 
-@pytest.fixture(scope="module")
-def fmnist(tmp_path_factory):
-  root = tmp_path_factory.mktemp("fm")
-  return fixtures.write_fashion_mnist_idx(str(root / "src"), n_train=128, n_test=32), str(root / "tfds")
-
-
 def _lookup_config(fmnist, arg="runlocal"):
   c = get_config("lookupvit", arg)
   c.model.update(TINY)
-  c.data.source_dir, c.data.data_dir = fmnist
+  c.data.source_dir, c.data.data_dir = fmnist.source_dir, fmnist.data_dir
   c.data.augment = "none"
   c.total_steps, c.eval_every_steps, c.checkpoint_every_steps, c.log_every_steps = 6, 6, 6, 3
   return c
@@ -107,7 +101,7 @@ def test_grid_sampling_follows_the_weights_and_is_a_function_of_the_step():
 
 def test_vit_rejects_grids(fmnist, tmp_path):
   c = get_config("vit", "runlocal")
-  c.data.source_dir, c.data.data_dir = fmnist
+  c.data.source_dir, c.data.data_dir = fmnist.source_dir, fmnist.data_dir
   c.grids = [(3, 3)]
   with pytest.raises(ValueError, match=r"config.grids.*has no compressed-token grid"):
     train.train_and_evaluate(c, str(tmp_path))

@@ -8,7 +8,6 @@ import json
 import os
 import re
 
-import fixtures
 import jax
 import ml_collections
 import numpy as np
@@ -20,7 +19,10 @@ from vitjax.data import fashion_mnist
 from vitjax.data import pipeline
 from vitjax.data import preprocess
 
-N_TRAIN, N_TEST = 96, 45
+from tests import conftest
+from tests import fixtures
+
+N_TRAIN, N_TEST = conftest.FMNIST_TRAIN, conftest.FMNIST_TEST
 
 
 def _cfg(data_dir, **overrides):
@@ -36,19 +38,15 @@ def _to_uint8(images):
 
 
 @pytest.fixture(scope="module")
-def fmnist(tmp_path_factory):
-  """A tiny Fashion-MNIST built from synthetic IDX files; returns (cfg, {split: (images, labels)})."""
-  root = tmp_path_factory.mktemp("fmnist")
-  source = fixtures.write_fashion_mnist_idx(str(root / "idx"), n_train=N_TRAIN, n_test=N_TEST, seed=1)
+def built(fmnist):
+  """The shared Fashion-MNIST (tests/conftest.py), built from its IDX files alone (no other
+  source, no download); returns (data config, {split: (images, labels)})."""
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(fashion_mnist, "SOURCE_DIRS", ())
     mp.setattr(fashion_mnist, "DOWNLOAD_URL", None)
-    cfg = _cfg(root / "tfds", source_dir=source)
+    cfg = _cfg(fmnist.data_dir, source_dir=fmnist.source_dir)
     data.dataset_info(cfg)  # builds it
-  arrays = {split: (fashion_mnist.read_idx(os.path.join(source, f"{stem}-images-idx3-ubyte.gz")),
-                    fashion_mnist.read_idx(os.path.join(source, f"{stem}-labels-idx1-ubyte.gz")))
-            for split, stem in (("train", "train"), ("test", "t10k"))}
-  return cfg, arrays
+  return cfg, fmnist.arrays
 
 
 def _example_ids(images_uint8, reference):
@@ -87,8 +85,8 @@ def test_read_real_fashion_mnist_test_set():
   np.testing.assert_array_equal(np.bincount(labels), np.full(10, 1000))
 
 
-def test_build_and_info_and_eval_order(fmnist):
-  cfg, arrays = fmnist
+def test_build_and_info_and_eval_order(built):
+  cfg, arrays = built
   info = data.dataset_info(cfg)
   assert info == data.DatasetInfo(num_classes=10, train_size=N_TRAIN, eval_size=N_TEST,
                                   image_shape=(28, 28, 1))
@@ -101,8 +99,8 @@ def test_build_and_info_and_eval_order(fmnist):
   np.testing.assert_array_equal(labels, ref_labels)
 
 
-def test_train_batches_shapes_epochs_and_determinism(fmnist):
-  cfg, arrays = fmnist
+def test_train_batches_shapes_epochs_and_determinism(built):
+  cfg, arrays = built
   it = data.train_iterator(cfg, batch_size=32, seed=3)
   per_epoch = N_TRAIN // 32
   batches = [next(it) for _ in range(2 * per_epoch)]
@@ -127,8 +125,8 @@ def test_train_batches_shapes_epochs_and_determinism(fmnist):
 
 
 @pytest.mark.parametrize("augment", ["none", "crop_flip"])
-def test_state_restore_continues_the_stream(fmnist, augment):
-  cfg = fmnist[0].copy_and_resolve_references()
+def test_state_restore_continues_the_stream(built, augment):
+  cfg = built[0].copy_and_resolve_references()
   cfg.augment = augment
   it = data.train_iterator(cfg, batch_size=24, seed=7)
   for _ in range(5):  # crosses an epoch boundary (96 / 24 = 4 steps)
@@ -143,8 +141,8 @@ def test_state_restore_continues_the_stream(fmnist, augment):
     np.testing.assert_array_equal(got["label"], want["label"])
 
 
-def test_process_shards_are_disjoint_and_form_the_global_batch(fmnist):
-  cfg, arrays = fmnist
+def test_process_shards_are_disjoint_and_form_the_global_batch(built):
+  cfg, arrays = built
   ref = arrays["train"][0]
   single = data.train_iterator(cfg, batch_size=32, seed=5)
   shards = [data.train_iterator(cfg, batch_size=32, seed=5, process_index=p, process_count=4)
@@ -159,8 +157,8 @@ def test_process_shards_are_disjoint_and_form_the_global_batch(fmnist):
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 4])
-def test_eval_covers_every_example_once(fmnist, process_count):
-  cfg, arrays = fmnist
+def test_eval_covers_every_example_once(built, process_count):
+  cfg, arrays = built
   ref = arrays["test"][0]
   per_process = [
       list(data.eval_iterator(cfg, batch_size=16, process_index=p, process_count=process_count))
@@ -176,8 +174,8 @@ def test_eval_covers_every_example_once(fmnist, process_count):
   assert sorted(seen) == list(range(N_TEST))
 
 
-def test_uncached_path_gives_the_same_stream(fmnist, monkeypatch):
-  cfg = fmnist[0].copy_and_resolve_references()
+def test_uncached_path_gives_the_same_stream(built, monkeypatch):
+  cfg = built[0].copy_and_resolve_references()
   cfg.augment = "crop_flip"
   cached = data.train_iterator(cfg, batch_size=16, seed=2)
   monkeypatch.setattr(pipeline, "CACHE_MAX_BYTES", 0)  # decode PNGs batch by batch instead
@@ -188,9 +186,9 @@ def test_uncached_path_gives_the_same_stream(fmnist, monkeypatch):
     np.testing.assert_array_equal(a["label"], b["label"])
 
 
-def test_augmentation_is_redrawn_every_step(fmnist):
+def test_augmentation_is_redrawn_every_step(built):
   # A one-example split (a TFDS slice) makes every batch the same image: only the augmentation varies.
-  cfg = fmnist[0].copy_and_resolve_references()
+  cfg = built[0].copy_and_resolve_references()
   cfg.update(dict(train_split="train[:1]", augment="crop_flip"))
   assert data.dataset_info(cfg).train_size == 1
   it = data.train_iterator(cfg, batch_size=8, seed=0)
@@ -322,8 +320,8 @@ def test_tfrecord_dataset_error(tmp_path):
     data.dataset_info(_cfg(tmp_path, name="tfrecord_ds", eval_split="validation"))
 
 
-def test_bad_config_fields(fmnist):
-  cfg = fmnist[0]
+def test_bad_config_fields(built):
+  cfg = built[0]
   for field, value, needle in (
       ("augment", "mixup", "Unknown data.augment='mixup'. Allowed values: none, crop_flip."),
       ("channels", 2, "Unknown data.channels=2. Allowed values: 0, 1, 3."),

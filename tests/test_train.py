@@ -15,7 +15,6 @@ import optax
 import pytest
 from ml_collections import config_flags
 
-from tests import fixtures
 import vitjax
 from vitjax import checkpoint
 from vitjax import train
@@ -49,18 +48,10 @@ if "test_bn_tiny" not in registry.MODELS:
   registry.register_model("test_bn_tiny")(_tiny_bn)
 
 
-@pytest.fixture(scope="module")
-def fmnist(tmp_path_factory):
-  """A tiny Fashion-MNIST built from synthetic IDX files: (source_dir, data_dir)."""
-  root = tmp_path_factory.mktemp("fmnist")
-  fixtures.write_fashion_mnist_idx(str(root / "src"), n_train=256, n_test=64)
-  return str(root / "src"), str(root / "tfds")
-
-
 def tiny_config(fmnist, **overrides):
   c = vit_config.get_config("runlocal")
   c.model = dict(TINY_MODEL)
-  c.data.source_dir, c.data.data_dir = fmnist
+  c.data.source_dir, c.data.data_dir = fmnist.source_dir, fmnist.data_dir
   c.data.image_size = 16
   c.data.augment = "none"
   c.total_steps, c.batch_size, c.eval_batch_size = 12, 16, 32
@@ -130,7 +121,7 @@ def _run_cli(args, env_extra=None, code=None, test_models=False):
 
 
 def _cli_args(fmnist, workdir):
-  src, data_dir = fmnist
+  src, data_dir = fmnist.source_dir, fmnist.data_dir
   return ["--config=configs/vit.py:runlocal", f"--workdir={workdir}",
           f"--config.data.source_dir={src}", f"--config.data.data_dir={data_dir}",
           "--config.data.image_size=16", "--config.data.augment=crop_flip", "--config.model.depth=1",
