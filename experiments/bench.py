@@ -1,6 +1,6 @@
-"""Benchmark: vitjax (JAX/XLA) against timm (PyTorch eager) on the same ViT weights.
+"""Benchmark: vitjax (JAX/XLA) against timm (PyTorch eager) on the same weights.
 
-    python -m experiments.bench                      # vit_s16 + vit_b16, batch 8, 224 px
+    python -m experiments.bench                      # vit_s16, vit_b16, convnext_tiny; batch 8, 224 px
     python -m experiments.bench --models=vit_s16 --repeats=5 --modes=infer
 
 For each model, timm's randomly initialised weights are converted with `vitjax.convert.from_timm`,
@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-MODELS = ("vit_s16", "vit_b16")
+MODELS = ("vit_s16", "vit_b16", "convnext_tiny")
 MODES = ("infer", "train")
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,10 +58,12 @@ class TimmSide:
     import torch  # pylint: disable=g-import-not-at-top
     from vitjax.convert import timm as timm_convert  # pylint: disable=g-import-not-at-top
     timm = _import_timm()
-    _, self.timm_name, _ = timm_convert.resolve(name)
+    family, self.timm_name, _ = timm_convert.resolve(name)
     self.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
-    self.model = timm.create_model(self.timm_name, img_size=size).to(self.device)
+    # ViTs are built for the input size (position table); convolutional families take any size.
+    kwargs = {"img_size": size} if family.name == "vit" else {}
+    self.model = timm.create_model(self.timm_name, **kwargs).to(self.device)
     x, y = _batch(batch, size, seed)
     self.x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(self.device)
     self.y = torch.from_numpy(y).to(self.device)
