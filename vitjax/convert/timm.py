@@ -8,9 +8,10 @@
 Every supported timm architecture is one `Family` entry in `FAMILIES`: the timm model names it
 covers and the vitjax model each becomes, a table of renaming `Rule`s (see `mapping.py`), and two
 functions that read the create_model overrides (classes, depth) and an input size that fits off
-the state dict. Adding a family (ConvNeXt, CrossViT, ... once vitjax has them) is adding one entry;
-nothing else changes. Conversion is strict: keys that fit no rule, missing parameters and shape
-mismatches are reported together in one ValueError.
+the state dict. The families are ViT (`vit_*_patch*_224`) and ConvNeXt (`convnext_atto` ...
+`convnext_large`); adding one (CrossViT, ... once vitjax has it) is adding one entry, nothing else
+changes. Conversion is strict: keys that fit no rule, missing parameters and shape mismatches are
+reported together in one ValueError.
 
 Layout differences the rules undo:
   * torch Linear stores (out, in); Flax Dense stores (in, out). The attention projections are
@@ -19,6 +20,9 @@ Layout differences the rules undo:
   * torch Conv2d stores (O, I, kh, kw); Flax Conv stores (kh, kw, I, O). Images are NCHW in timm
     and NHWC in vitjax.
   * timm's ViT position table already includes the CLS slot, like vit_jax's (1, 1 + N, D).
+  * timm's small ConvNeXts (atto ... nano, `conv_mlp=True`) hold their MLP as 1x1 convolutions,
+    (out, in, 1, 1); on an NHWC map that is a Linear layer, so they load into the same Dense
+    kernels as the Linear form of convnext_tiny and up.
 """
 from __future__ import annotations
 
@@ -112,7 +116,70 @@ VIT_RULES = (
     rule(r"head\.bias", "head/bias"),
 )
 
-# The table of supported families. ConvNeXt and CrossViT get an entry here when vitjax has them.
+_CNX_BLOCK = r"stages\.(\d+)\.blocks\.(\d+)\."
+_CNX = "stages_{0}/blocks_{1}/"
+_CNX_DOWN = r"stages\.(\d+)\.downsample\."
+
+
+def pointwise(x, shapes):
+  """torch Linear (out, in) or 1x1 Conv2d (out, in, 1, 1) weight -> Flax Dense kernel (in, out)."""
+  if x.ndim == 4 and x.shape[2:] == (1, 1):
+    x = x[:, :, 0, 0]
+  return linear(x, shapes)
+
+
+def _convnext_overrides(state: Mapping[str, Any]) -> Overrides:
+  """num_classes and depths, read off the head and the block keys.
+
+  A state dict with `head.norm` but no `head.fc` (timm's num_classes=0) becomes a headless model.
+  """
+  depths: dict[int, int] = {}
+  for k in state:
+    if m := re.match(_CNX_BLOCK, k):
+      i, j = int(m.group(1)), int(m.group(2))
+      depths[i] = max(depths.get(i, 0), j + 1)
+  found: Overrides = {}
+  if depths:   # a stage without blocks gets depth 0, which the model rejects by name
+    found["depths"] = tuple(depths.get(i, 0) for i in range(max(depths) + 1))
+  if "head.fc.weight" in state:
+    found["num_classes"] = tuple(state["head.fc.weight"].shape)[0]
+  elif "head.norm.weight" in state:
+    found["num_classes"] = 0
+  return found
+
+
+def _convnext_example_input(state: Mapping[str, Any], model) -> ImageShape:
+  """(1, s, s, C) with s the model's total stride (ConvNeXt takes any multiple of it)."""
+  channels = tuple(state["stem.0.weight"].shape)[1] if "stem.0.weight" in state else 3
+  size = max(f.stride for f in model.feature_info())
+  return (1, size, size, channels)
+
+
+CONVNEXT_RULES = (
+    rule(r"stem\.0\.weight", "stem_conv/kernel", transform=conv),
+    rule(r"stem\.0\.bias", "stem_conv/bias"),
+    rule(r"stem\.1\.weight", "stem_norm/scale"),
+    rule(r"stem\.1\.bias", "stem_norm/bias"),
+    rule(_CNX_DOWN + r"0\.weight", "stages_{0}/downsample/norm/scale"),
+    rule(_CNX_DOWN + r"0\.bias", "stages_{0}/downsample/norm/bias"),
+    rule(_CNX_DOWN + r"1\.weight", "stages_{0}/downsample/conv/kernel", transform=conv),
+    rule(_CNX_DOWN + r"1\.bias", "stages_{0}/downsample/conv/bias"),
+    rule(_CNX_BLOCK + r"gamma", _CNX + "gamma"),
+    rule(_CNX_BLOCK + r"conv_dw\.weight", _CNX + "conv_dw/kernel", transform=conv),
+    rule(_CNX_BLOCK + r"conv_dw\.bias", _CNX + "conv_dw/bias"),
+    rule(_CNX_BLOCK + r"norm\.weight", _CNX + "norm/scale"),
+    rule(_CNX_BLOCK + r"norm\.bias", _CNX + "norm/bias"),
+    rule(_CNX_BLOCK + r"mlp\.fc1\.weight", _CNX + "mlp/Dense_0/kernel", transform=pointwise),
+    rule(_CNX_BLOCK + r"mlp\.fc1\.bias", _CNX + "mlp/Dense_0/bias"),
+    rule(_CNX_BLOCK + r"mlp\.fc2\.weight", _CNX + "mlp/Dense_1/kernel", transform=pointwise),
+    rule(_CNX_BLOCK + r"mlp\.fc2\.bias", _CNX + "mlp/Dense_1/bias"),
+    rule(r"head\.norm\.weight", "head_norm/scale"),
+    rule(r"head\.norm\.bias", "head_norm/bias"),
+    rule(r"head\.fc\.weight", "head/kernel", transform=linear),
+    rule(r"head\.fc\.bias", "head/bias"),
+)
+
+# The table of supported families. CrossViT gets an entry here when vitjax has it.
 FAMILIES: dict[str, Family] = {
     "vit": Family(
         name="vit",
@@ -126,6 +193,14 @@ FAMILIES: dict[str, Family] = {
         rules=VIT_RULES,
         overrides=_vit_overrides,
         example_input=_vit_example_input),
+    "convnext": Family(
+        name="convnext",
+        models={name: name for name in (
+            "convnext_atto", "convnext_femto", "convnext_pico", "convnext_nano", "convnext_tiny",
+            "convnext_small", "convnext_base", "convnext_large")},
+        rules=CONVNEXT_RULES,
+        overrides=_convnext_overrides,
+        example_input=_convnext_example_input),
 }
 
 
@@ -153,8 +228,8 @@ def from_timm(state_dict: Mapping[str, Any], model_name: str, **overrides) -> Co
   Args:
     state_dict: timm parameter name -> torch tensor or numpy array (as from `model.state_dict()`
       or a checkpoint file). The number of classes, the depth and the input size are read from it.
-    model_name: the timm architecture (e.g. 'vit_base_patch16_224', tags like '.augreg_in21k'
-      are ignored) or the vitjax name it maps to (e.g. 'vit_b16').
+    model_name: the timm architecture (e.g. 'vit_base_patch16_224' or 'convnext_tiny'; tags like
+      '.augreg_in21k' are ignored) or the vitjax name it maps to (e.g. 'vit_b16').
     **overrides: extra `create_model` fields, e.g. drop_path=0.1 or attn_impl='auto' for
       fine-tuning, or the sizes of a non-standard timm model (num_heads cannot be read off the
       weights). They win over what is read from the state dict; a size that disagrees with the
@@ -172,7 +247,7 @@ def from_timm(state_dict: Mapping[str, Any], model_name: str, **overrides) -> Co
   image_shape = family.example_input(state_dict, model)
   target = mapping.abstract_params(model, jax.ShapeDtypeStruct(image_shape, jnp.float32))
   params = mapping.apply_rules(state_dict, family.rules, target, ignore=family.ignore,
-                               what=f"timm {timm_name!r} -> vitjax {vitjax_name!r}")
+                               what=f"timm {family.name} {timm_name!r} -> vitjax {vitjax_name!r}")
   meta = {"source": "timm", "source_model": timm_name, "model_name": vitjax_name,
           "model_overrides": dict(overrides), "image_size": list(image_shape[1:3])}
   return Converted(model, {"params": params}, meta)
