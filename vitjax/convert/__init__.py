@@ -4,6 +4,7 @@
     model, variables, meta = convert.from_timm(torch_state_dict, "vit_base_patch16_224")
     model, variables, meta = convert.from_big_vision_npz("B_16.npz", "vit_b16")
     model, variables, meta = convert.from_transformers(hf_state_dict, "cvt_13")  # + batch_stats
+    model, variables, meta = convert.from_official(official_state_dict, "hornet_t")
 
 Command line (writes a parameter checkpoint that `--config.init_from=DIR` fine-tunes from):
 
@@ -13,10 +14,13 @@ Command line (writes a parameter checkpoint that `--config.init_from=DIR` fine-t
 Conversions are strict: unknown keys, missing parameters and shape mismatches are listed together
 in one ValueError and nothing is loaded. The supported timm families are the `FAMILIES` table in
 `vitjax/convert/timm.py`; adding a family is adding an entry there. The transformers families are
-the `FAMILIES` table in `vitjax/convert/transformers.py` (`convert.transformers.FAMILIES`).
+the `FAMILIES` table in `vitjax/convert/transformers.py` (`convert.transformers.FAMILIES`). The
+official-code families (the authors' own key names) are the `FAMILIES` table in
+`vitjax/convert/official.py`.
 """
 from vitjax.convert.big_vision import from_big_vision_npz, from_big_vision_state  # noqa: F401
 from vitjax.convert.files import load_state_dict  # noqa: F401
 from vitjax.convert.mapping import Converted  # noqa: F401
+from vitjax.convert.official import from_official  # noqa: F401
 from vitjax.convert.timm import FAMILIES, from_timm, supported_models  # noqa: F401
 from vitjax.convert.transformers import from_transformers  # noqa: F401

@@ -5,7 +5,13 @@
     python -m vitjax.main --config=configs/vit.py:imagenet --config.init_from=vit_b16_timm
 
 --from=timm reads .pth/.pt/.bin (torch.load, weights_only) or .safetensors; --from=big_vision
-reads .npz. Nothing is downloaded: fetch the file yourself.
+reads .npz; --from=official reads the authors' own checkpoints (.pth/.pt/.bin/.safetensors, or an
+.npz of arrays), converted by `vitjax.convert.from_official`:
+
+    python -m vitjax.convert --from=official --model=hornet_t --checkpoint=hornet_tiny_7x7.pth \
+        --out=hornet_t_official
+
+Nothing is downloaded: fetch the file yourself.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import numpy as np
 
 from vitjax import choices
 
-SOURCES = ("timm", "big_vision")
+SOURCES = ("timm", "big_vision", "official")
 
 
 def parse_args(argv):
@@ -25,7 +31,8 @@ def parse_args(argv):
   parser.add_argument("--from", dest="source", required=True, choices=SOURCES,
                       help="which library wrote the checkpoint")
   parser.add_argument("--model", required=True,
-                      help="timm model name (e.g. vit_base_patch16_224) or vitjax name (vit_b16)")
+                      help="timm model name (e.g. vit_base_patch16_224) or vitjax name (vit_b16); "
+                      "for --from=official a vitjax name (hornet_t) or the official constructor")
   parser.add_argument("--checkpoint", required=True, help="the local checkpoint file")
   parser.add_argument("--out", required=True, help="directory to write the vitjax checkpoint to")
   return parser.parse_args(argv)
@@ -40,6 +47,8 @@ def convert_file(source: str, model: str, checkpoint: str):
     if not checkpoint.lower().endswith(".npz"):
       raise ValueError(f"--from=big_vision reads .npz files; got checkpoint={checkpoint!r}")
     return convert.from_big_vision_npz(checkpoint, model)
+  if source == "official":
+    return convert.from_official(convert.load_state_dict(checkpoint), model)
   if checkpoint.lower().endswith(".npz"):
     raise ValueError("--from=timm reads .pth/.pt/.bin/.safetensors files; for an .npz checkpoint "
                      "use --from=big_vision")

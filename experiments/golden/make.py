@@ -1,0 +1,217 @@
+"""Golden fixtures from the authors' own code (DESIGN.md, decision 12).
+
+    git clone <mirror of raoyongming/HorNet> /tmp/official/HorNet      # any checkout of the repo
+    python -m experiments.golden.make hornet --repo=/tmp/official/HorNet            # reduced: writes
+    python -m experiments.golden.make hornet --repo=/tmp/official/HorNet --full     # full size: reports
+
+Subcommands (one per official repository): hornet, spectformer, cvt, rmt. For each model of the
+repository the script builds the official PyTorch model, draws seeded random weights perturbed away
+from their init (every parameter, layer-scale gammas and BatchNorm weights, biases and running
+statistics included; derived buffers such as RMT's decay tables stay as the code computes them),
+runs a fixed input through it in eval mode, and
+
+  * reduced (default): writes tests/golden/<vitjax model>.npz with the state dict ('state/<key>'),
+    the input ('images', NHWC float32), the logits, the official commit id, repository, file and
+    constructor, and the create_model overrides the weights do not show ('overrides', JSON);
+  * --full: builds the full-size model (224 px, batch 2), writes nothing, reports its parameter count.
+
+Either way it converts the state dict with `vitjax.convert.from_official` and prints max|diff| of
+the logits against vitjax's. Needs torch, timm and einops (the official code's imports); the import
+shims some repositories need (torch._six for CvT, numpy.lib.arraypad for SpectFormer, fvcore for RMT)
+live here, never in the library. The tests (tests/test_official.py) read the fixtures without torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+GOLDEN = os.path.join(ROOT, "tests", "golden")
+
+
+class Case(NamedTuple):
+  """One official model to record: `build()` returns the torch module."""
+  model: str                        # vitjax model name (also the fixture's name)
+  official: str                     # official constructor, as in the repository
+  build: Callable[[], Any]
+  input_shape: tuple[int, ...]      # NCHW, as the official code takes it
+  overrides: dict                   # create_model fields the weights do not show
+
+
+# ---------------------------------------------------------------------------------------------
+# Common machinery.
+
+def import_torch_and_timm():
+  """torch and timm; on a CPU torch next to a CUDA torchvision wheel, timm needs the tests' shim."""
+  sys.path.insert(0, ROOT)
+  from tests import torch_compat  # pylint: disable=g-import-not-at-top
+  timm = torch_compat.import_timm()
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch, timm
+
+
+def load_module(path: str, name: str):
+  """Imports one official file as module `name` (its directory first on sys.path)."""
+  sys.path.insert(0, os.path.dirname(path))
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def commit_of(repo: str) -> str:
+  return subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], check=True,
+                        capture_output=True, text=True).stdout.strip()
+
+
+def perturb(model, seed: int):
+  """Seeded random values for every parameter and BatchNorm statistic, away from the init.
+
+  Layer-scale gammas (1e-6 at init) become U(0.5, 1); constant tensors (norm weights, biases)
+  get N(0, 0.2) noise around their value; spectral filters ('complex_weight') become N(0, 0.5);
+  other tensors get noise of std max(0.5 std, 0.5 / sqrt(fan_in)), so that activations stay
+  O(1) through the net and every input shows in the logits. BatchNorm running means become
+  N(0, 0.2), variances U(0.5, 1.5). Other buffers (derived tables) are left alone. Every value
+  is then rounded to float16 precision (and kept float32), so the fixture stores it in half the
+  bytes without changing what the official model computed.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      leaf = name.rsplit(".", 1)[-1]
+      if "gamma" in leaf:
+        p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=gen))
+      elif leaf == "complex_weight":
+        p.copy_(0.5 * noise)
+      elif p.numel() == 1 or float(p.std()) < 1e-6:
+        p.add_(0.2 * noise)
+      else:
+        fan_in = p.numel() // p.shape[0]
+        p.add_(max(0.5 * float(p.std()), 0.5 / fan_in ** 0.5) * noise)
+      p.copy_(p.half().float())
+    for name, b in model.named_buffers():
+      if name.endswith("running_mean"):
+        b.copy_((0.2 * torch.randn(b.shape, generator=gen)).half().float())
+      elif name.endswith("running_var"):
+        b.copy_((0.5 + torch.rand(b.shape, generator=gen)).half().float())
+
+
+def run_case(case: Case, *, repo: str, file: str, full: bool, seed: int = 0) -> dict:
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  model = case.build().eval()
+  perturb(model, seed + 1)
+  images = np.random.default_rng(seed + 2).standard_normal(case.input_shape).astype(np.float16)
+  images = images.astype(np.float32)
+  with torch.no_grad():
+    logits = model(torch.from_numpy(images)).numpy()
+  state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+  count = sum(p.numel() for p in model.parameters())
+  # Parameters and BatchNorm statistics hold float16 values (see `perturb`); derived buffers keep
+  # float32.
+  half = {n for n, _ in model.named_parameters()} | {
+      n for n, _ in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
+  fixture = {f"state/{k}": v.astype(np.float16) if k in half else v for k, v in state.items()}
+  fixture.update(images=images.transpose(0, 2, 3, 1).astype(np.float16), logits=logits,
+                 commit=np.array(commit_of(repo)), repository=np.array(REPOS[case_family(case)]),
+                 source_file=np.array(file), official=np.array(case.official),
+                 model=np.array(case.model), overrides=np.array(json.dumps(case.overrides)))
+  diff = compare(fixture)
+  out = {"model": case.model, "official": case.official, "params": count,
+         "input": list(case.input_shape), "max_abs_diff": diff}
+  if not full:
+    os.makedirs(GOLDEN, exist_ok=True)
+    path = os.path.join(GOLDEN, f"{case.model}.npz")
+    np.savez_compressed(path, **fixture)
+    out["fixture"] = os.path.relpath(path, ROOT)
+    out["bytes"] = os.path.getsize(path)
+  print(json.dumps(out))
+  return out
+
+
+def compare(fixture: dict) -> float:
+  """max|logits_vitjax - logits_official| after `from_official` (what the tests check)."""
+  sys.path.insert(0, ROOT)
+  import jax  # pylint: disable=g-import-not-at-top
+  from vitjax import convert  # pylint: disable=g-import-not-at-top
+  state = {k[len("state/"):]: v for k, v in fixture.items() if k.startswith("state/")}
+  model, variables, _ = convert.from_official(state, str(fixture["model"]),
+                                              **json.loads(str(fixture["overrides"])))
+  logits = jax.jit(model.apply)(variables, fixture["images"].astype(np.float32))
+  return float(np.abs(np.asarray(logits) - fixture["logits"]).max())
+
+
+REPOS = {"hornet": "raoyongming/HorNet", "spectformer": "badripatro/SpectFormers",
+         "cvt": "microsoft/CvT", "rmt": "qhfan/RMT"}
+
+
+def case_family(case: Case) -> str:
+  return case.model.split("_")[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The repositories.
+
+def hornet_cases(repo: str, full: bool):
+  """hornet_t (7x7) and hornet_t_gf. Reduced: base_dim 8, one block per stage, 64 px, 10 classes;
+  the GF filters keep the official 14x8 / 7x4 size, so the reduced run also checks their
+  bilinear resize to the 4x3 / 2x2 frequency grids."""
+  import_torch_and_timm()
+  hornet = load_module(os.path.join(repo, "hornet.py"), "official_hornet")
+  cases = []
+  for model, official in (("hornet_t", "hornet_tiny_7x7"), ("hornet_t_gf", "hornet_tiny_gf")):
+    ctor = getattr(hornet, official)
+    if full:
+      cases.append(Case(model, official, ctor, (2, 3, 224, 224), {}))
+    else:
+      cases.append(Case(model, official, lambda c=ctor: _reduced_hornet(hornet, c),
+                        (2, 3, 64, 64), {}))
+  return cases, "hornet.py"
+
+
+def _reduced_hornet(hornet, ctor):
+  import functools  # pylint: disable=g-import-not-at-top
+  full = ctor()   # to read its per-stage gnconv partials
+  gnconvs = [blk.gnconv for blk in (stage[0] for stage in full.stages)]
+  partials = []
+  for g in gnconvs:
+    kw = dict(order=g.order, s=g.scale)
+    if isinstance(g.dwconv, hornet.GlobalLocalFilter):
+      _, h, w, _ = g.dwconv.complex_weight.shape
+      kw.update(h=h, w=w, gflayer=hornet.GlobalLocalFilter)
+    partials.append(functools.partial(hornet.gnconv, **kw))
+  return hornet.HorNet(depths=[1, 1, 1, 1], base_dim=8, num_classes=10, gnconv=partials)
+
+
+FAMILIES = {"hornet": hornet_cases}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("family", choices=sorted(FAMILIES))
+  parser.add_argument("--repo", required=True, help="a checkout of the official repository")
+  parser.add_argument("--full", action="store_true", help="full-size comparison; writes nothing")
+  parser.add_argument("--only", default=None, help="comma-separated vitjax model names")
+  args = parser.parse_args(argv)
+  cases, file = FAMILIES[args.family](os.path.abspath(args.repo), args.full)
+  only = None if args.only is None else set(args.only.split(","))
+  for case in cases:
+    if only is None or case.model in only:
+      run_case(case, repo=args.repo, file=file, full=args.full)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,299 @@
+"""Official (the authors' own) PyTorch state dicts -> vitjax variables.
+
+    import torch, vitjax.convert
+    state = torch.load("hornet_tiny_7x7.pth", map_location="cpu", weights_only=True)["model"]
+    model, variables, meta = vitjax.convert.from_official(state, "hornet_t")
+    logits = model.apply(variables, images_nhwc)      # the official model's logits
+
+The released checkpoints of a paper's own repository keep that repository's key names, which
+neither timm nor transformers share. Each supported repository is one `Family` entry in
+`FAMILIES`: a regular expression that recognises its state dicts, the vitjax models it covers
+(with the official constructor names, which `name` may also be), a table of renaming `Rule`s
+whose targets carry their collection ('params/...' or 'batch_stats/...'), and a function that
+reads the create_model overrides (depths, widths, classes, ...) off the weights. Adding a family
+is adding one entry. Conversion is strict, as `from_timm`: keys that fit no rule, missing
+parameters and shape mismatches are reported together in one ValueError, and a state dict of
+another family is named as such.
+
+The families and the official code their key names come from (commit ids of the code the golden
+fixtures in tests/golden/ were made with are stored in each fixture):
+  hornet       raoyongming/HorNet, hornet.py                     hornet_{t,s,b}[_gf]
+  spectformer  badripatro/SpectFormers, vanilla_architecture      spectformer_s
+  cvt          microsoft/CvT, lib/models/cls_cvt.py               cvt_13, cvt_21, cvt_w24
+  rmt          qhfan/RMT, classfication_release/RMT.py (T) and
+               classification_token_label_release/RMT.py (S/B/L)  rmt_t, rmt_s, rmt_b, rmt_l
+
+Layout differences the rules undo: torch Linear (out, in) -> Flax kernel (in, out); Conv2d
+(O, I, kh, kw) -> (kh, kw, I, O); a 1x1 Conv2d -> a Dense kernel; a depthwise Conv2d (C, 1, k, k)
+-> (k, k, C) or (k, k, 1, C), whichever the vitjax layer holds; HorNet's GF filter (C, h, w, 2) ->
+(h, w, C, 2); BatchNorm running statistics -> 'batch_stats'.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitjax import choices
+from vitjax.convert import mapping
+from vitjax.convert.mapping import Converted, Rule, conv, linear, rule
+from vitjax.models.registry import create_model
+
+Overrides = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One official repository and how its state dicts map onto vitjax models."""
+  name: str
+  repository: str                        # where the official code lives (owner/name on GitHub)
+  marker: str                            # regex: some key of every state dict of the family matches
+  models: Mapping[str, Sequence[str]]    # vitjax model name -> official constructor names
+  rules: Sequence[Rule]                  # targets are 'params/...' or 'batch_stats/...'
+  overrides: Callable[[Mapping[str, Any]], Overrides]
+  # (state dict, model) -> the training image side the weights are meant for (meta['image_size'])
+  image_size: Callable[[Mapping[str, Any], Any], int] = lambda state, model: 224
+  always: Sequence[str] = ("num_classes",)   # overrides kept in meta even at their default
+  ignore: Sequence[str] = ()                 # source keys that are derived buffers, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms shared by the tables.
+
+def pointwise(x, shapes):
+  """1x1 Conv2d weight (out, in, 1, 1) or Linear (out, in) -> Dense kernel (in, out)."""
+  if x.ndim == 4 and x.shape[2:] == (1, 1):
+    x = x[:, :, 0, 0]
+  return linear(x, shapes)
+
+
+def depthwise(x, shapes):
+  """Depthwise Conv2d weight (C, 1, kh, kw) -> (kh, kw, C), or (kh, kw, 1, C) where the vitjax
+  layer keeps Flax's grouped-conv layout (whichever the target's rank is)."""
+  if x.ndim != 4 or x.shape[1] != 1:
+    return [x]
+  y = np.ascontiguousarray(x[:, 0].transpose(1, 2, 0))                  # (kh, kw, C)
+  if shapes[0] is not None and len(shapes[0]) == 4:
+    y = y[:, :, None, :]
+  return [y]
+
+
+def channels_last(x, shapes):
+  """HorNet's GF filter (C, h, w, 2) -> vitjax's (h, w, C, 2)."""
+  return [np.ascontiguousarray(x.transpose(1, 2, 0, 3))] if x.ndim == 4 else [x]
+
+
+def _shape(state, key) -> tuple[int, ...]:
+  return tuple(np.shape(state[key]))
+
+
+def _count(state, pattern: str) -> dict[tuple[int, ...], int]:
+  """{leading groups: 1 + max last group} over keys matching `pattern` (depths per stage)."""
+  out: dict[tuple[int, ...], int] = {}
+  for k in state:
+    if m := re.match(pattern, k):
+      *lead, last = (int(g) for g in m.groups())
+      out[tuple(lead)] = max(out.get(tuple(lead), 0), last + 1)
+  return out
+
+
+def _depths(state, pattern: str) -> tuple[int, ...] | None:
+  """Blocks per stage from keys `pattern` (groups: stage, block); None when there are none."""
+  per_stage = _count(state, pattern)
+  if not per_stage:
+    return None
+  return tuple(per_stage.get((i,), 0) for i in range(max(s for s, in per_stage) + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# HorNet (raoyongming/HorNet, hornet.py). vitjax keeps HorNet's flat layout: stem_conv,
+# downsample_{i}_{norm,conv}, stage_{i}_block_{j}/..., norm, head.
+
+_HN_BLOCK = r"stages\.(\d+)\.(\d+)\."
+_HN = "params/stage_{0}_block_{1}/"
+_HN_GN = _HN_BLOCK + r"gnconv\."
+
+
+def _hornet_rules() -> tuple[Rule, ...]:
+  p = "params/"
+  rules = [
+      rule(r"downsample_layers\.0\.0\.weight", p + "stem_conv/kernel", transform=conv),
+      rule(r"downsample_layers\.0\.0\.bias", p + "stem_conv/bias"),
+      rule(r"downsample_layers\.0\.1\.weight", p + "stem_norm/scale"),
+      rule(r"downsample_layers\.0\.1\.bias", p + "stem_norm/bias"),
+      rule(r"downsample_layers\.(\d+)\.0\.weight", p + "downsample_{0}_norm/scale"),
+      rule(r"downsample_layers\.(\d+)\.0\.bias", p + "downsample_{0}_norm/bias"),
+      rule(r"downsample_layers\.(\d+)\.1\.weight", p + "downsample_{0}_conv/kernel", transform=conv),
+      rule(r"downsample_layers\.(\d+)\.1\.bias", p + "downsample_{0}_conv/bias"),
+      rule(_HN_BLOCK + r"gamma([12])", _HN + "gamma{2}"),
+      rule(_HN_GN + r"(proj_in|proj_out)\.weight", _HN + "mixer/{2}/kernel", transform=pointwise),
+      rule(_HN_GN + r"(proj_in|proj_out)\.bias", _HN + "mixer/{2}/bias"),
+      rule(_HN_GN + r"pws\.(\d+)\.weight", _HN + "mixer/pws_{2}/kernel", transform=pointwise),
+      rule(_HN_GN + r"pws\.(\d+)\.bias", _HN + "mixer/pws_{2}/bias"),
+      # 7x7 depthwise conv, or the global-local filter (GF) in its place
+      rule(_HN_GN + r"dwconv\.weight", _HN + "mixer/dwconv/kernel", transform=depthwise),
+      rule(_HN_GN + r"dwconv\.bias", _HN + "mixer/dwconv/bias"),
+      rule(_HN_GN + r"dwconv\.dw\.weight", _HN + "mixer/dwconv/dw/kernel", transform=depthwise),
+      rule(_HN_GN + r"dwconv\.complex_weight", _HN + "mixer/dwconv/complex_weight",
+           transform=channels_last),
+      rule(_HN_GN + r"dwconv\.(pre_norm|post_norm)\.weight", _HN + "mixer/dwconv/{2}/scale"),
+      rule(_HN_GN + r"dwconv\.(pre_norm|post_norm)\.bias", _HN + "mixer/dwconv/{2}/bias"),
+      rule(_HN_BLOCK + r"(norm[12])\.weight", _HN + "{2}/scale"),
+      rule(_HN_BLOCK + r"(norm[12])\.bias", _HN + "{2}/bias"),
+      rule(_HN_BLOCK + r"pwconv1\.weight", _HN + "mlp/Dense_0/kernel", transform=linear),
+      rule(_HN_BLOCK + r"pwconv1\.bias", _HN + "mlp/Dense_0/bias"),
+      rule(_HN_BLOCK + r"pwconv2\.weight", _HN + "mlp/Dense_1/kernel", transform=linear),
+      rule(_HN_BLOCK + r"pwconv2\.bias", _HN + "mlp/Dense_1/bias"),
+      rule(r"norm\.weight", p + "norm/scale"),
+      rule(r"norm\.bias", p + "norm/bias"),
+      rule(r"head\.weight", p + "head/kernel", transform=linear),
+      rule(r"head\.bias", p + "head/bias"),
+  ]
+  return tuple(rules)
+
+
+def _hornet_overrides(state) -> Overrides:
+  """base_dim, depths, gnConv orders, 7x7 or GF per stage (with the GF filter's stored grid),
+  the depthwise kernel, MLP ratio, layer scale and classes, read off the weights."""
+  found: Overrides = {}
+  if "downsample_layers.0.0.weight" in state:
+    found["base_dim"] = _shape(state, "downsample_layers.0.0.weight")[0]
+  depths = _depths(state, _HN_BLOCK)
+  if depths is None:
+    return found
+  found["depths"] = depths
+  orders, variants, filters = [], [], []
+  for i, depth in enumerate(depths):
+    pre = f"stages.{i}.0.gnconv."
+    orders.append(1 + _count(state, rf"stages\.{i}\.0\.gnconv\.pws\.(\d+)\.").get((), 0))
+    if pre + "dwconv.complex_weight" in state:
+      _, h, wf, _ = _shape(state, pre + "dwconv.complex_weight")
+      variants.append("gf")
+      filters.append((h, 2 * (wf - 1)))       # a spatial grid whose rfft grid is (h, wf)
+    else:
+      variants.append("dwconv")
+      filters.append(None)
+      if pre + "dwconv.weight" in state:
+        found["kernel_size"] = _shape(state, pre + "dwconv.weight")[-1]
+    del depth
+  found.update(orders=tuple(orders), variants=tuple(variants))
+  if any(f is not None for f in filters):
+    found["filter_sizes"] = tuple(filters)
+  if "stages.0.0.pwconv1.weight" in state and "base_dim" in found:
+    found["mlp_ratio"] = _shape(state, "stages.0.0.pwconv1.weight")[0] // found["base_dim"]
+  if "stages.0.0.norm1.weight" in state and "stages.0.0.gamma1" not in state:
+    found["layer_scale_init"] = 0.0
+  if "head.weight" in state:
+    found["num_classes"] = _shape(state, "head.weight")[0]
+  return found
+
+
+def _hornet_image_size(state, model) -> int:
+  """224, or for a GF model the size its first GF filter was made for (stride 16 in stage 3)."""
+  for i, size in enumerate(model.filter_sizes or ()):
+    if size is not None:
+      return size[0] * 4 * 2 ** i
+  return 224
+
+
+# ---------------------------------------------------------------------------------------------
+# The table. A family added here is all from_official needs.
+
+FAMILIES: dict[str, Family] = {
+    "hornet": Family(
+        name="hornet",
+        repository="raoyongming/HorNet",
+        marker=r"stages\.\d+\.\d+\.gnconv\.",
+        models={
+            "hornet_t": ("hornet_tiny_7x7",), "hornet_t_gf": ("hornet_tiny_gf",),
+            "hornet_s": ("hornet_small_7x7",), "hornet_s_gf": ("hornet_small_gf",),
+            "hornet_b": ("hornet_base_7x7",), "hornet_b_gf": ("hornet_base_gf",),
+        },
+        rules=_hornet_rules(),
+        overrides=_hornet_overrides,
+        image_size=_hornet_image_size),
+}
+
+
+def supported_models() -> list[str]:
+  """vitjax model names `from_official` accepts (the official constructor names work too)."""
+  return sorted(n for f in FAMILIES.values() for n in f.models)
+
+
+def resolve(name: str) -> tuple[Family, str]:
+  """vitjax name or official constructor name -> (family, vitjax name)."""
+  for family in FAMILIES.values():
+    if name in family.models:
+      return family, name
+    for vitjax_name, official in family.models.items():
+      if name in official:
+        return family, vitjax_name
+  official = sorted(o for f in FAMILIES.values() for names in f.models.values() for o in names)
+  raise choices.unknown("name", name, supported_models() + official)
+
+
+def _is_family(state, family: Family) -> bool:
+  return any(re.match(family.marker, k) for k in state)
+
+
+def check_family(state: Mapping[str, Any], family: Family):
+  """One clear error when `state` is not a state dict of `family` (naming the family it is)."""
+  if _is_family(state, family):
+    return
+  others = [f for f in FAMILIES.values() if f is not family and _is_family(state, f)]
+  hint = (f" It looks like an official {others[0].name} ({others[0].repository}) state dict; "
+          f"convert it as one of {', '.join(sorted(others[0].models))}." if others else "")
+  raise ValueError(
+      f"Not an official {family.name} ({family.repository}) state dict: no key matches "
+      f"{family.marker!r}.{hint} Found {len(state)} keys:"
+      + mapping._short_list(sorted(state), limit=12))  # pylint: disable=protected-access
+
+
+def abstract_variables(model, *example_args) -> dict[str, tuple[int, ...]]:
+  """'collection/path' -> shape for every variable of the model (no allocation)."""
+  variables = jax.eval_shape(model.init, jax.random.key(0), *example_args)
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables), sep="/")
+  return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def from_official(state_dict: Mapping[str, Any], name: str, **overrides) -> Converted:
+  """Converts an official state dict into a vitjax model and its variables (strict).
+
+  Args:
+    state_dict: official parameter name -> torch tensor or numpy array, as `model.state_dict()`
+      of the official code or its released checkpoint files (unwrap {'model': ...} first, or
+      read the file with `vitjax.convert.load_state_dict`).
+    name: the vitjax model (e.g. 'hornet_t') or the official constructor ('hornet_tiny_7x7').
+    **overrides: extra `create_model` fields (those the weights do not show, such as num_heads
+      of a non-standard size; drop_path for fine-tuning). They win over what is read from the
+      state dict; a size that disagrees with the weights is reported like any other mismatch.
+
+  Returns:
+    `Converted(model, variables, meta)`; variables = {'params': ...} plus 'batch_stats' for
+    models with BatchNorm.
+
+  Raises:
+    ValueError: unknown name, a state dict of another family, or one message listing every key
+      or shape that does not fit.
+  """
+  family, vitjax_name = resolve(name)
+  check_family(state_dict, family)
+  read = family.overrides(state_dict)
+  default = create_model(vitjax_name)
+  overrides = {**{k: v for k, v in read.items()
+                  if k in family.always or getattr(default, k, None) != v}, **overrides}
+  model = create_model(vitjax_name, **overrides)
+  size = family.image_size(state_dict, model)
+  target = abstract_variables(model, jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+  variables = mapping.apply_rules(
+      state_dict, family.rules, target, ignore=family.ignore,
+      what=f"official {family.name} ({family.repository}) -> vitjax {vitjax_name!r}")
+  meta = {"source": "official", "source_model": f"{family.repository} {name}",
+          "model_name": vitjax_name, "model_overrides": dict(overrides),
+          "image_size": [size, size]}
+  return Converted(model, variables, meta)
