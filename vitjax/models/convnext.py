@@ -17,8 +17,9 @@ timm builds atto/femto/pico/nano with `conv_mlp=True`: 1x1 convolutions and a ch
 LayerNorm in place of the Linear layers and the channels-last one. On an NHWC map that is the same
 function, so vitjax has one form; the converter reshapes timm's (out, in, 1, 1) weights.
 
-The depthwise convolution is `depthwise_conv` (dwconv_impl 'auto' / 'shift' / 'xla', same
-parameters and numbers): XLA's grouped convolution on GPU/TPU, a fused sum of shifted slices on CPU,
+The depthwise convolution is `vitjax.ops.conv.depthwise_conv_same` (dwconv_impl 'auto' /
+'shift' / 'xla', same parameters and numbers): XLA's grouped convolution on GPU/TPU, a fused sum
+of shifted slices on CPU,
 where XLA:CPU's grouped convolution is the slowest op of the model. XLA's cost analysis counts the
 'xla' form without the taps that fall on the zero padding and the 'shift' form with them, so the
 GMACs the runner reports on CPU are a little higher (convnext_tiny at 224 px: 4.48 vs 4.60).
@@ -37,53 +38,20 @@ import functools
 from typing import Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from vitjax import choices
 from vitjax.models import layers
 from vitjax.models.backbone import MultiStageModel, StageSpec, Tokens
 from vitjax.models.registry import register_block, register_model
-from vitjax.ops import conv_attention
+from vitjax.ops import conv as conv_ops
+from vitjax.ops.conv import DWCONV_IMPLS
 
 trunc_normal = nn.initializers.truncated_normal
 
-DWCONV_IMPLS = ("auto", "shift", "xla")
-
-
-def depthwise_conv(x, kernel, bias=None, *, impl: str = "auto"):
-  """Stride-1 zero-padded ('same') depthwise convolution of a (B, H, W, C) map, plus bias.
-
-  kernel: (k, k, 1, C), Flax's depthwise layout (k odd); out[b, y, x, c] = bias[c] +
-  sum_{i, j} in[b, y + i - k//2, x + j - k//2, c] * kernel[i, j, 0, c].
-  Taps that only ever meet the zero padding (on a map smaller than the kernel: a 7x7 kernel on a
-  2x2 map uses its central 3x3) are dropped first; they add nothing.
-
-  impl: 'xla' is `lax.conv_general_dilated` with one group per channel (cuDNN on GPU); 'shift' is
-    `vitjax.ops.conv_attention.depthwise_conv2d`, k*k shifted slices that XLA fuses into one
-    loop. On CPU 'shift' made a convnext_atto training step (32 px, batch 128, 2 cores)
-    1.8-2.6x faster than XLA:CPU's grouped convolution, whose forward alone was 5-50x slower on
-    2x2 to 16x16 maps; it compiles slower (k*k slices per block). 'auto' is 'shift' on CPU and
-    'xla' elsewhere.
-  """
-  choices.check("dwconv_impl", impl, DWCONV_IMPLS)
-  if impl == "auto":
-    impl = "shift" if jax.default_backend() == "cpu" else "xla"
-  k = kernel.shape[0]
-  r = min(k // 2, max(x.shape[1], x.shape[2]) - 1)             # reach that can touch the map
-  kernel = kernel[k // 2 - r:k // 2 + r + 1, k // 2 - r:k // 2 + r + 1].astype(x.dtype)
-  if impl == "xla":
-    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((r, r), (r, r)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     feature_group_count=x.shape[-1])
-  else:
-    y = conv_attention.depthwise_conv2d(x, kernel, padding=r)
-  return y if bias is None else y + bias
-
-
 class DepthwiseConv(nn.Module):
   """k x k depthwise convolution with bias; an `nn.Conv(C, (k, k), feature_group_count=C)`'s
-  parameters (`kernel` (k, k, 1, C), `bias` (C,)), computed by `depthwise_conv`."""
+  parameters (`kernel` (k, k, 1, C), `bias` (C,)), computed by `ops.conv.depthwise_conv_same`."""
   kernel_size: int = 7
   impl: str = "auto"
   kernel_init: Callable = trunc_normal(0.02)
@@ -94,7 +62,7 @@ class DepthwiseConv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (k, k, 1, c), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
-    return depthwise_conv(x, kernel, bias, impl=self.impl)
+    return conv_ops.depthwise_conv_same(x, kernel, bias, impl=self.impl)
 
 
 @register_block("convnext")
@@ -107,7 +75,7 @@ class ConvNeXtBlock(nn.Module):
   mlp_dim: int
   kernel_size: int = 7
   layer_scale_init: float = 1e-6   # <= 0 turns layer scale off (timm: ls_init_value=None)
-  dwconv_impl: str = "auto"        # see `depthwise_conv`
+  dwconv_impl: str = "auto"        # see `ops.conv.depthwise_conv_same`
   drop_path: float = 0.0
   kernel_init: Callable = trunc_normal(0.02)
 

@@ -58,7 +58,7 @@ def check_act(act: str):
 
 
 class DepthwiseConv(nn.Module):
-  """Depthwise k x k convolution without bias (`vitjax.ops.conv_attention.depthwise_conv2d`)."""
+  """Depthwise k x k convolution without bias (`vitjax.ops.conv.depthwise_conv2d`)."""
   kernel_size: int = 3
   stride: int = 1
   padding: int = 1

@@ -6,9 +6,7 @@ holds state and so lives in the Linen module) before the usual linear projection
 stride 2, which shrinks the number of keys by about 4 ("squeezed" attention). The pieces:
 
   depthwise_conv2d - x (B, H, W, C) convolved per channel with kernel (k, k, 1, C), stride s,
-                     zero padding p on every side (PyTorch's Conv2d(groups=C) semantics), as
-                     k*k shifted slices (faster than XLA:CPU's grouped convolution).
-  conv_output_size - the side length that gives: floor((n + 2p - k) / s) + 1.
+                     zero padding p on every side (`vitjax.ops.conv`, re-exported here).
   split_heads / merge_heads - (B, N, D) <-> (B, N, H, D/H), channels head-major as in the
                      official `rearrange(x, 'b t (h d) -> b h t d')`.
   multihead_attention - (B, T, D) queries, (B, S, D) keys and values -> (B, T, D):
@@ -25,51 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.ops import attention as ops_attention
-
-
-def conv_output_size(n: int, kernel_size: int, stride: int, padding: int) -> int:
-  """Output side of a convolution over `n` positions: floor((n + 2p - k) / s) + 1."""
-  return (n + 2 * padding - kernel_size) // stride + 1
-
-
-def depthwise_conv2d(x, kernel, *, stride: int = 1, padding: int = 0):
-  """Depthwise 2-D convolution (cross-correlation, as PyTorch's Conv2d with groups=C, no bias).
-
-  out[b, i, j, c] = sum_{di, dj} xpad[b, s*i + di, s*j + dj, c] * kernel[di, dj, 0, c], written
-  as k*k strided slices of the padded map, each scaled per channel and summed. XLA fuses the
-  slices into one loop; on CPU that ran 1.2-8x faster (forward + backward, CvT shapes, stride 2
-  gaining most) than `lax.conv_general_dilated(feature_group_count=C)`, whose grouped
-  convolution takes a generic path there. tests/test_cvt.py checks both against an einsum.
-
-  Args:
-    x: (B, H, W, C) map.
-    kernel: (k, k, 1, C), Flax's depthwise `nn.Conv` layout (torch stores it as (C, 1, k, k)).
-    stride: the same stride along both axes.
-    padding: zeros added on every side of both axes.
-
-  Returns:
-    (B, H', W', C) with H' = conv_output_size(H, k, stride, padding), likewise W'.
-  """
-  c = x.shape[-1]
-  if kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2:] != (1, c):
-    raise ValueError(f"depthwise kernel must have shape (k, k, 1, {c}) for {c} channels; "
-                     f"got {kernel.shape}")
-  k = kernel.shape[0]
-  ho, wo = (conv_output_size(n, k, stride, padding) for n in x.shape[1:3])
-  if ho < 1 or wo < 1:
-    raise ValueError(f"depthwise conv: a {x.shape[1]}x{x.shape[2]} map with kernel {k}, stride "
-                     f"{stride} and padding {padding} has no output positions")
-  xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-  kernel = kernel.astype(x.dtype)
-  out = None
-  for di in range(k):
-    for dj in range(k):
-      window = jax.lax.slice(xp, (0, di, dj, 0),
-                             (xp.shape[0], di + stride * (ho - 1) + 1,
-                              dj + stride * (wo - 1) + 1, c), (1, stride, stride, 1))
-      term = window * kernel[di, dj, 0]
-      out = term if out is None else out + term
-  return out
+from vitjax.ops.conv import conv_output_size, depthwise_conv2d  # noqa: F401  (CvT's convs)
 
 
 def split_heads(x, num_heads: int):

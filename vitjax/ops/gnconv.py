@@ -20,8 +20,9 @@ This file holds the parameter-free math; `vitjax.models.spectral_mixers.GnConv` 
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+
+from vitjax.ops import conv as conv_ops
 
 
 def gnconv_dims(dim: int, order: int) -> list[int]:
@@ -66,18 +67,17 @@ def recursive_gating(p0, gates, pw_kernels, pw_biases):
   return p
 
 
-def depthwise_conv2d(x, kernel, bias=None):
+def depthwise_conv2d(x, kernel, bias=None, *, impl: str = "auto"):
   """'SAME' depthwise convolution (cross-correlation, as in every deep-learning framework).
 
   Args:
     x: (B, h, w, C).
     kernel: (k_h, k_w, C) one filter per channel (odd sizes).
     bias: optional (C,).
+    impl: `vitjax.ops.conv.depthwise_conv_same`'s ('auto': shifted slices on CPU, XLA's grouped
+      convolution elsewhere).
   """
-  y = jax.lax.conv_general_dilated(
-      x, kernel[:, :, None, :].astype(x.dtype), window_strides=(1, 1), padding="SAME",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1])
-  return y if bias is None else y + bias
+  return conv_ops.depthwise_conv_same(x, kernel[:, :, None, :], bias, impl=impl)
 
 
 def interleave_channels(a, b):
