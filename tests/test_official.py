@@ -35,10 +35,11 @@ def load_fixture(name):
 def test_golden_logits_match_the_official_code(name):
   state, data = load_fixture(name)
   assert re.fullmatch(r"[0-9a-f]{40}", str(data["commit"])), "fixture without its commit id"
-  family, vitjax_name = official.resolve(str(data["model"]))
-  assert vitjax_name == name and family.repository == str(data["repository"])
-  model, variables, meta = convert.from_official(state, name, **json.loads(str(data["overrides"])))
-  assert meta["source"] == "official" and meta["model_name"] == name
+  family, vitjax_name = official.resolve(str(data["model"]))   # a vitjax or an official name
+  assert family.repository == str(data["repository"])
+  model, variables, meta = convert.from_official(state, str(data["model"]),
+                                                 **json.loads(str(data["overrides"])))
+  assert meta["source"] == "official" and meta["model_name"] == vitjax_name
   # Every parameter and BatchNorm statistic of the state dict is used, none is invented.
   used = sum(v.size for k, v in state.items() if not any(
       re.fullmatch(p, k) for p in family.ignore))
@@ -70,14 +71,30 @@ def test_missing_extra_and_misshaped_keys_in_one_error():
   assert "head.bias (11,)" in msg
 
 
-def test_a_state_dict_of_another_family_is_named():
+@pytest.mark.parametrize("fixture", ["hornet_t", "rmt_t"])
+def test_a_state_dict_of_another_family_is_named(fixture):
   with pytest.raises(ValueError, match="Not an official hornet") as e:
     convert.from_official({"blocks.0.weight": np.zeros(3)}, "hornet_t")
   assert "blocks.0.weight" in str(e.value)
-  state, _ = load_fixture("hornet_t")
-  for other in sorted(set(official.supported_models()) - set(official.FAMILIES["hornet"].models)):
-    with pytest.raises(ValueError, match=r"looks like an official hornet \(raoyongming/HorNet\)"):
+  state, data = load_fixture(fixture)
+  family, _ = official.resolve(str(data["model"]))
+  for other in sorted(set(official.supported_models()) - set(family.models)):
+    with pytest.raises(ValueError, match=rf"looks like an official {family.name} "
+                                         rf"\({family.repository}\)"):
       convert.from_official(state, other)
+
+
+def test_rmt_decay_buffers_set_the_decay_and_are_checked():
+  state, _ = load_fixture("rmt_t")
+  read = official.FAMILIES["rmt"].overrides(state)
+  assert read["init_values"] == (2, 3, 2, 1) and read["heads_ranges"] == (4, 3, 6, 5)
+  assert read["num_heads"] == (2, 2, 4, 4) and read["token_label"] is False
+  state = dict(state)
+  decay = state["layers.2.Relpos.decay"].copy()           # 4 heads: not a + r h / H any more
+  decay[2] *= 1.1
+  state["layers.2.Relpos.decay"] = decay
+  with pytest.raises(ValueError, match=r"layers\.2\.Relpos\.decay"):
+    convert.from_official(state, "rmt_t")
 
 
 def test_cli_converts_an_official_checkpoint(tmp_path, capsys):

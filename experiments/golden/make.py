@@ -195,7 +195,38 @@ def _reduced_hornet(hornet, ctor):
   return hornet.HorNet(depths=[1, 1, 1, 1], base_dim=8, num_classes=10, gnconv=partials)
 
 
-FAMILIES = {"hornet": hornet_cases}
+def rmt_cases(repo: str, full: bool):
+  """rmt_t from classfication_release (`RMT_T3`) and rmt_s from classification_token_label_release
+  (token-labelling aux head). Reduced: widths 16-48, 1-2 blocks per stage, decay settings that
+  differ per stage, a 64x96 input (a non-square grid), 10 classes; the reduced rmt_s also turns
+  on layer scale in stages 3 and 4, as RMT-B and -L do."""
+  import_torch_and_timm()
+  fvcore = types.ModuleType("fvcore")                 # imported by RMT.py, used only in __main__
+  fvcore.nn = types.ModuleType("fvcore.nn")
+  fvcore.nn.FlopCountAnalysis = fvcore.nn.flop_count_table = None
+  sys.modules.update({"fvcore": fvcore, "fvcore.nn": fvcore.nn})
+  cls = load_module(os.path.join(repo, "classfication_release", "RMT.py"), "official_rmt_cls")
+  tl = load_module(os.path.join(repo, "classification_token_label_release", "RMT.py"),
+                   "official_rmt_tl")
+  if full:
+    return [Case("rmt_t", "RMT_T3", lambda: cls.RMT_T3(None), (2, 3, 224, 224), {}),
+            Case("rmt_s", "RMT_S", lambda: tl.RMT_S(None), (2, 3, 224, 224), {}),
+            Case("rmt_b", "RMT_M2", lambda: tl.RMT_M2(None), (2, 3, 224, 224), {}),
+            Case("rmt_l", "RMT_L6", lambda: tl.RMT_L6(None), (2, 3, 224, 224), {})], \
+        "classfication_release/RMT.py, classification_token_label_release/RMT.py"
+  small = dict(embed_dims=[16, 24, 32, 48], depths=[1, 1, 2, 1], num_heads=[2, 2, 4, 4],
+               init_values=[2, 3, 2, 1], heads_ranges=[4, 3, 6, 5], mlp_ratios=[2, 3, 2, 2],
+               projection=64, num_classes=10, drop_path_rate=0.0)
+  return [
+      Case("rmt_t", "RMT_T3", lambda: cls.VisRetNet(
+          **small, chunkwise_recurrents=[True, True, False, False]), (2, 3, 64, 96), {}),
+      Case("rmt_s", "RMT_S", lambda: tl.VisRetNet(
+          **small, chunkwise_recurrents=[True, True, True, False],
+          layerscales=[False, False, True, True]), (2, 3, 64, 96), {}),
+  ], "classfication_release/RMT.py (rmt_t), classification_token_label_release/RMT.py (rmt_s)"
+
+
+FAMILIES = {"hornet": hornet_cases, "rmt": rmt_cases}
 
 
 def main(argv=None):
