@@ -226,7 +226,63 @@ def rmt_cases(repo: str, full: bool):
   ], "classfication_release/RMT.py (rmt_t), classification_token_label_release/RMT.py (rmt_s)"
 
 
-FAMILIES = {"hornet": hornet_cases, "rmt": rmt_cases}
+def spectformer_cases(repo: str, full: bool):
+  """spectformer_s (vanilla, `spectformer-s` of main_spectformer.py). Reduced: width 48 (the
+  official attention block hard-codes 6 heads), depth 5 (the official alpha = 4 spectral blocks,
+  then one attention block), MLP ratio 2, patch 8, 32 px, 10 classes."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import_torch_and_timm()
+  import torch  # pylint: disable=g-import-not-at-top
+  arraypad = types.ModuleType("numpy.lib.arraypad")    # gone from numpy 2; imported, unused
+  arraypad.pad = np.pad
+  sys.modules["numpy.lib.arraypad"] = arraypad
+  sf = load_module(os.path.join(repo, "vanilla_architecture", "spectformer.py"),
+                   "official_spectformer")
+  norm = functools.partial(torch.nn.LayerNorm, eps=1e-6)
+  if full:
+    build = lambda: sf.SpectFormer(img_size=224, patch_size=16, embed_dim=384, depth=19,  # noqa: E731
+                                   mlp_ratio=4, norm_layer=norm)
+    return [Case("spectformer_s", "spectformer-s", build, (2, 3, 224, 224), {})], \
+        "vanilla_architecture/spectformer.py"
+  build = lambda: sf.SpectFormer(img_size=32, patch_size=8, embed_dim=48, depth=5,  # noqa: E731
+                                 mlp_ratio=2, num_classes=10, norm_layer=norm)
+  return [Case("spectformer_s", "spectformer-s", build, (2, 3, 32, 32), {})], \
+      "vanilla_architecture/spectformer.py"
+
+
+def cvt_cases(repo: str, full: bool):
+  """cvt_13 with the official QuickGELU (the SPEC of experiments/imagenet/cvt/cvt-13-224x224.yaml).
+  Reduced: widths 16/32/48, heads 1/2/3, depths 1/1/2, 64 px, 10 classes. Batch 2: the official
+  `forward_features` squeezes the batch axis away when B = 1."""
+  import collections.abc  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
+  import_torch_and_timm()
+  six = types.ModuleType("torch._six")                 # removed from torch; cls_cvt imports it
+  six.container_abcs = collections.abc
+  sys.modules["torch._six"] = six
+  package = types.ModuleType("official_cvt")
+  package.__path__ = [os.path.join(repo, "lib", "models")]
+  sys.modules["official_cvt"] = package
+  cvt = importlib.import_module("official_cvt.cls_cvt")
+  spec = dict(INIT="trunc_norm", NUM_STAGES=3, PATCH_SIZE=[7, 3, 3], PATCH_STRIDE=[4, 2, 2],
+              PATCH_PADDING=[2, 1, 1], DIM_EMBED=[64, 192, 384], NUM_HEADS=[1, 3, 6],
+              DEPTH=[1, 2, 10], MLP_RATIO=[4.0] * 3, ATTN_DROP_RATE=[0.0] * 3,
+              DROP_RATE=[0.0] * 3, DROP_PATH_RATE=[0.0, 0.0, 0.1], QKV_BIAS=[True] * 3,
+              CLS_TOKEN=[False, False, True], POS_EMBED=[False] * 3,
+              QKV_PROJ_METHOD=["dw_bn"] * 3, KERNEL_QKV=[3] * 3, PADDING_KV=[1] * 3,
+              STRIDE_KV=[2] * 3, PADDING_Q=[1] * 3, STRIDE_Q=[1] * 3)
+  num_classes, shape, overrides = 1000, (2, 3, 224, 224), {}
+  if not full:
+    spec.update(DIM_EMBED=[16, 32, 48], NUM_HEADS=[1, 2, 3], DEPTH=[1, 1, 2])
+    num_classes, shape, overrides = 10, (2, 3, 64, 64), {"num_heads": [1, 2, 3]}
+  build = lambda: cvt.ConvolutionalVisionTransformer(  # noqa: E731
+      in_chans=3, num_classes=num_classes, act_layer=cvt.QuickGELU,
+      norm_layer=functools.partial(cvt.LayerNorm, eps=1e-5), init="trunc_norm", spec=spec)
+  return [Case("cvt_13", "cvt-13-224x224", build, shape, overrides)], "lib/models/cls_cvt.py"
+
+
+FAMILIES = {"hornet": hornet_cases, "spectformer": spectformer_cases, "cvt": cvt_cases,
+            "rmt": rmt_cases}
 
 
 def main(argv=None):

@@ -110,6 +110,19 @@ def _depths(state, pattern: str) -> tuple[int, ...] | None:
   return tuple(per_stage.get((i,), 0) for i in range(max(s for s, in per_stage) + 1))
 
 
+def _bn_rules(src: str, dst: str) -> list[Rule]:
+  """A BatchNorm2d `src` (regex prefix) -> vitjax BatchNorm `dst` (path with its format fields)."""
+  return [rule(src + r"\.weight", "params/" + dst + "/scale"),
+          rule(src + r"\.bias", "params/" + dst + "/bias"),
+          rule(src + r"\.running_mean", "batch_stats/" + dst + "/mean"),
+          rule(src + r"\.running_var", "batch_stats/" + dst + "/var")]
+
+
+def _dense_rules(src: str, dst: str, transform=linear) -> list[Rule]:
+  return [rule(src + r"\.weight", "params/" + dst + "/kernel", transform=transform),
+          rule(src + r"\.bias", "params/" + dst + "/bias")]
+
+
 # ---------------------------------------------------------------------------------------------
 # HorNet (raoyongming/HorNet, hornet.py). vitjax keeps HorNet's flat layout: stem_conv,
 # downsample_{i}_{norm,conv}, stage_{i}_block_{j}/..., norm, head.
@@ -202,25 +215,142 @@ def _hornet_image_size(state, model) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# SpectFormer (badripatro/SpectFormers, vanilla_architecture/spectformer.py): vit_jax names in
+# vitjax (embedding, Transformer/encoderblock_{k}, encoder_norm); the first blocks are spectral
+# (filter.complex_weight, same (h, w, C, 2) layout), the rest attention with a fused qkv.
+
+_SF_BLOCK = r"blocks\.(\d+)\."
+_SF = "params/Transformer/encoderblock_{0}/"
+_SF_ATTN = _SF + "MultiHeadDotProductAttention_0/"
+
+
+def _spectformer_rules() -> tuple[Rule, ...]:
+  b = _SF_BLOCK
+  return (
+      rule(r"patch_embed\.proj\.weight", "params/embedding/kernel", transform=conv),
+      rule(r"patch_embed\.proj\.bias", "params/embedding/bias"),
+      rule(r"pos_embed", "params/Transformer/posembed_input/pos_embedding"),
+      rule(b + r"norm1\.weight", _SF + "LayerNorm_0/scale"),
+      rule(b + r"norm1\.bias", _SF + "LayerNorm_0/bias"),
+      rule(b + r"norm2\.weight", _SF + "LayerNorm_1/scale"),
+      rule(b + r"norm2\.bias", _SF + "LayerNorm_1/bias"),
+      rule(b + r"filter\.complex_weight", _SF + "mixer/complex_weight"),
+      rule(b + r"attn\.qkv\.weight", _SF_ATTN + "query/kernel", _SF_ATTN + "key/kernel",
+           _SF_ATTN + "value/kernel", transform=mapping.split(3, linear)),
+      rule(b + r"attn\.qkv\.bias", _SF_ATTN + "query/bias", _SF_ATTN + "key/bias",
+           _SF_ATTN + "value/bias", transform=mapping.split(3, mapping.copy)),
+      rule(b + r"attn\.proj\.weight", _SF_ATTN + "out/kernel", transform=linear),
+      rule(b + r"attn\.proj\.bias", _SF_ATTN + "out/bias"),
+      rule(b + r"mlp\.fc1\.weight", _SF + "MlpBlock_0/Dense_0/kernel", transform=linear),
+      rule(b + r"mlp\.fc1\.bias", _SF + "MlpBlock_0/Dense_0/bias"),
+      rule(b + r"mlp\.fc2\.weight", _SF + "MlpBlock_0/Dense_1/kernel", transform=linear),
+      rule(b + r"mlp\.fc2\.bias", _SF + "MlpBlock_0/Dense_1/bias"),
+      rule(r"norm\.weight", "params/Transformer/encoder_norm/scale"),
+      rule(r"norm\.bias", "params/Transformer/encoder_norm/bias"),
+      rule(r"head\.weight", "params/head/kernel", transform=linear),
+      rule(r"head\.bias", "params/head/bias"),
+  )
+
+
+def _spectformer_overrides(state) -> Overrides:
+  """Width, patch size, depth, spectral block count (the paper's alpha), MLP width, the spectral
+  filters' grid and classes. The official code fixes 6 heads (vitjax's default)."""
+  found: Overrides = {}
+  if "patch_embed.proj.weight" in state:
+    width, _, patch, _ = _shape(state, "patch_embed.proj.weight")
+    found.update(width=width, patch_size=patch)
+  blocks = _count(state, r"blocks\.(\d+)\.").get((), 0)
+  if blocks:
+    found["depth"] = blocks
+    found["num_spectral"] = sum(f"blocks.{k}.filter.complex_weight" in state for k in range(blocks))
+  if "blocks.0.mlp.fc1.weight" in state:
+    found["mlp_dim"] = _shape(state, "blocks.0.mlp.fc1.weight")[0]
+  if "blocks.0.filter.complex_weight" in state:
+    h, wf = _shape(state, "blocks.0.filter.complex_weight")[:2]
+    found["filter_size"] = (h, 2 * (wf - 1))
+  if "head.weight" in state:
+    found["num_classes"] = _shape(state, "head.weight")[0]
+  return found
+
+
+def _spectformer_image_size(state, model) -> int:
+  """The square input the position table was made for: sqrt(N) patches a side."""
+  num = _shape(state, "pos_embed")[1] if "pos_embed" in state else 196
+  side = int(round(num ** 0.5))
+  if side * side != num:
+    raise ValueError(f"pos_embed holds {num} positions, not a square grid; only square inputs "
+                     "are supported")
+  return side * model.patch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# CvT (microsoft/CvT, lib/models/cls_cvt.py). Stage 0's convolutional embedding is vitjax's
+# `stem`, stage i > 0's is `stages_i/downsample`.
+
+_CVT_STAGE = r"stage(\d+)\."
+_CVT_BLOCK = _CVT_STAGE + r"blocks\.(\d+)\."
+_CVT = "stages_{0}/blocks_{1}/"
+
+
+def _cvt_rules() -> tuple[Rule, ...]:
+  rules = []
+  for stage, target in ((r"stage0\.", "stem"), (_CVT_STAGE, "stages_{0}/downsample")):
+    rules += _dense_rules(stage + r"patch_embed\.proj", target + "/conv", conv)
+    rules += [rule(stage + r"patch_embed\.norm\.weight", "params/" + target + "/norm/scale"),
+              rule(stage + r"patch_embed\.norm\.bias", "params/" + target + "/norm/bias")]
+  rules.append(rule(_CVT_STAGE + r"cls_token", "params/stages_{0}/cls_token"))
+  b = _CVT_BLOCK
+  for x in "qkv":
+    rules.append(rule(b + rf"attn\.conv_proj_{x}\.conv\.weight",
+                      "params/" + _CVT + f"attn/conv_proj_{x}/conv/kernel", transform=depthwise))
+    rules += _bn_rules(b + rf"attn\.conv_proj_{x}\.bn", _CVT + f"attn/conv_proj_{x}/bn")
+    rules += _dense_rules(b + rf"attn\.proj_{x}", _CVT + f"attn/proj_{x}")
+  rules += _dense_rules(b + r"attn\.proj", _CVT + "attn/proj")
+  rules += _dense_rules(b + r"mlp\.fc1", _CVT + "mlp/Dense_0")
+  rules += _dense_rules(b + r"mlp\.fc2", _CVT + "mlp/Dense_1")
+  for norm in ("norm1", "norm2"):
+    rules += [rule(b + norm + r"\.weight", "params/" + _CVT + norm + "/scale"),
+              rule(b + norm + r"\.bias", "params/" + _CVT + norm + "/bias")]
+  rules += [rule(r"norm\.weight", "params/norm/scale"), rule(r"norm\.bias", "params/norm/bias")]
+  rules += _dense_rules(r"head", "head")
+  return tuple(rules)
+
+
+def _cvt_overrides(state) -> Overrides:
+  """Depths, widths, embedding kernels, classes, MLP ratio, qkv bias, projection kernel and the
+  class token, read off the weights. num_heads, strides and paddings are not in the weights: they
+  keep the variant's values unless given. The activation is the official QuickGELU."""
+  stages = sorted({int(m.group(1)) for k in state if (m := re.match(_CVT_STAGE, k))})
+  embed = "stage{}.patch_embed.proj.weight"
+  if not stages or any(embed.format(i) not in state for i in stages):
+    return {}
+  found: Overrides = {"act": "quick_gelu"}
+  depths = _count(state, _CVT_BLOCK)
+  found["depths"] = tuple(depths.get((i,), 0) for i in stages)
+  found["dims"] = tuple(_shape(state, embed.format(i))[0] for i in stages)
+  found["patch_sizes"] = tuple(_shape(state, embed.format(i))[-1] for i in stages)
+  if "head.weight" in state:
+    found["num_classes"] = _shape(state, "head.weight")[0]
+  found["cls_token"] = f"stage{stages[-1]}.cls_token" in state
+  first = next((i for i, d in zip(stages, found["depths"]) if d), None)
+  if first is not None:
+    block = f"stage{first}.blocks.0."
+    if block + "mlp.fc1.weight" in state:
+      ratio = _shape(state, block + "mlp.fc1.weight")[0] / found["dims"][stages.index(first)]
+      found["mlp_ratio"] = ratio
+    found["qkv_bias"] = block + "attn.proj_q.bias" in state
+    if block + "attn.conv_proj_q.conv.weight" in state:
+      found["kernel_size"] = _shape(state, block + "attn.conv_proj_q.conv.weight")[-1]
+  return found
+
+
+# ---------------------------------------------------------------------------------------------
 # RMT (qhfan/RMT, classfication_release/RMT.py and classification_token_label_release/RMT.py).
 # The official patch merging closes stage i (`layers.i.downsample`); vitjax's opens stage i + 1.
 
 _RMT_BLOCK = r"layers\.(\d+)\.blocks\.(\d+)\."
 _RMT = "stages_{0}/blocks_{1}/"
 _RMT_MAX_STAGES = 8
-
-
-def _bn_rules(src: str, dst: str) -> list[Rule]:
-  """A BatchNorm2d `src` (regex prefix) -> vitjax BatchNorm `dst` (path with its format fields)."""
-  return [rule(src + r"\.weight", "params/" + dst + "/scale"),
-          rule(src + r"\.bias", "params/" + dst + "/bias"),
-          rule(src + r"\.running_mean", "batch_stats/" + dst + "/mean"),
-          rule(src + r"\.running_var", "batch_stats/" + dst + "/var")]
-
-
-def _dense_rules(src: str, dst: str, transform=linear) -> list[Rule]:
-  return [rule(src + r"\.weight", "params/" + dst + "/kernel", transform=transform),
-          rule(src + r"\.bias", "params/" + dst + "/bias")]
 
 
 def _rmt_rules() -> tuple[Rule, ...]:
@@ -316,6 +446,24 @@ FAMILIES: dict[str, Family] = {
         rules=_hornet_rules(),
         overrides=_hornet_overrides,
         image_size=_hornet_image_size),
+    "spectformer": Family(
+        name="spectformer",
+        repository="badripatro/SpectFormers",
+        marker=r"blocks\.\d+\.filter\.complex_weight",
+        models={"spectformer_s": ("spectformer-s",)},
+        rules=_spectformer_rules(),
+        overrides=_spectformer_overrides,
+        image_size=_spectformer_image_size),
+    "cvt": Family(
+        name="cvt",
+        repository="microsoft/CvT",
+        marker=r"stage\d+\.patch_embed\.",
+        models={"cvt_13": ("cvt-13-224x224",), "cvt_21": ("cvt-21-224x224",),
+                "cvt_w24": ("cvt-w24-384x384",)},
+        rules=_cvt_rules(),
+        overrides=_cvt_overrides,
+        always=("num_classes", "act"),
+        ignore=(r".*\.num_batches_tracked",)),
     "rmt": Family(
         name="rmt",
         repository="qhfan/RMT",
