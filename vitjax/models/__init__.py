@@ -9,5 +9,7 @@ from vitjax.models import spectformer  # noqa: F401
 from vitjax.models import hornet  # noqa: F401
 from vitjax.models import cvt  # noqa: F401  (registers 'conv_proj_attn', the 'cvt' block)
 from vitjax.models import convnext  # noqa: F401
+from vitjax.models import swin  # noqa: F401  (registers 'window_attn', the 'swin' block)
+from vitjax.models import cswin  # noqa: F401  (registers 'cswin' mixer and block)
 from vitjax.models import rmt  # noqa: F401  (registers 'manhattan_attn', the 'rmt' block, 'conv_bn')
 from vitjax.models.registry import create_model, list_mixers, list_models  # noqa: F401

@@ -1,0 +1,89 @@
+"""Swin: parameter counts equal timm's, the 'window_attn' mixer in another backbone, the shift
+alternating over the blocks, the padding path, and clear errors."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vitjax
+from vitjax.models import swin
+from vitjax.models.backbone import Tokens
+
+from tests import mixer_checks
+
+# 1000 classes at 224 px; timm's `sum(p.numel() for p in model.parameters())`.
+PINNED_COUNTS = {
+    "swin_tiny_patch4_window7_224": 28_288_354,
+    "swin_small_patch4_window7_224": 49_606_258,
+    "swin_base_patch4_window7_224": 87_768_224,
+}
+
+
+def _count(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def random_variables(model, x, seed=0):
+  """N(0, 0.2) values in the shapes of model.init's (jit-compiling init costs seconds)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_COUNTS))
+def test_param_counts(name):
+  shapes = jax.eval_shape(vitjax.create_model(name).init, jax.random.key(0),
+                          jnp.zeros((1, 224, 224, 3)))
+  assert _count(shapes) == PINNED_COUNTS[name]
+
+
+def test_window_attn_is_a_mixer_for_other_backbones():
+  grads = mixer_checks.tiny_vit_block_grads("window_attn", pool="gap",
+                                            mixer_kwargs=dict(window=2, shift=1))
+  table = grads["attn"]["relative_position_bias_table"]
+  assert table.shape[0] == 9 and float(jnp.abs(table).sum()) > 0      # (2*2 - 1)^2 offsets
+
+
+def test_blocks_alternate_the_shift_by_their_position():
+  """A block's position in the stage is the trailing number of its name: odd blocks shift their
+  windows by window // 2 (timm), even ones do not; an explicit shift wins."""
+  tokens = Tokens.from_map(jax.random.normal(jax.random.key(0), (1, 4, 4, 8)))
+  block = functools.partial(swin.SwinBlock, mlp_dim=16, num_heads=2, window=2)
+  variables = random_variables(block(name="blocks_0"), tokens)
+  run = lambda **kw: jax.jit(block(**kw).apply)(variables, tokens).x  # noqa: E731
+  np.testing.assert_array_equal(run(name="blocks_0"), run(name="blocks_4", shift=0))
+  np.testing.assert_array_equal(run(name="blocks_3"), run(name="blocks_0", shift=1))
+  assert not np.allclose(run(name="blocks_0"), run(name="blocks_1"))
+  with pytest.raises(ValueError, match=r"named 'first'; give an explicit shift"):
+    run(name="first")
+
+
+def test_maps_the_windows_do_not_tile_are_padded():
+  """40 px: the 10x10 map is padded to 12x12 for 4x4 windows, plain and shifted."""
+  model = vitjax.create_model("swin_tiny_patch4_window7_224", num_classes=3, embed_dim=8,
+                              depths=(2,), num_heads=2, window=4)
+  x = jax.random.normal(jax.random.key(0), (2, 40, 40, 3))
+  variables = random_variables(model, x)
+  logits, out = jax.jit(functools.partial(model.apply, features=True))(variables, x)
+  assert out["stage1"].shape == (2, 10, 10, 8)
+  assert logits.shape == (2, 3) and np.all(np.isfinite(logits))
+  table = variables["params"]["stages_0"]["blocks_1"]["attn"]["relative_position_bias_table"]
+  assert table.shape == (49, 2)                   # a full 4x4 window's table, not clipped
+
+
+def test_bad_input_gets_one_clear_error():
+  x = jnp.zeros((1, 64, 64, 3))
+  make = functools.partial(vitjax.create_model, "swin_tiny_patch4_window7_224", num_classes=3)
+  cases = [
+      (dict(num_heads=(3, 6)), r"num_heads=\(3, 6\) needs one entry per stage \(4\)"),
+      (dict(embed_dim=8, num_heads=3), r"Swin stage 1: width 8 is not divisible by num_heads=3"),
+      (dict(window=0), r"window=0; allowed values are positive integers"),
+  ]
+  for overrides, message in cases:
+    with pytest.raises(ValueError, match=message):
+      jax.eval_shape(make(**overrides).init, jax.random.key(0), x)
+  with pytest.raises(ValueError, match=r"shift=4; allowed values are 0 <= shift < window=4"):
+    jax.eval_shape(swin.WindowAttention(num_heads=1, window=4, shift=4).init, jax.random.key(0),
+                   jnp.zeros((1, 16, 8)), grid=(4, 4))
