@@ -126,8 +126,9 @@ def test_window_attention_matches_dense_masked_attention(grid, window, shift):
     bias = windows.relative_position_bias(table, window)
     return windows.window_attention(q, k, v, window=window, shift=shift, scale=0.5, bias=bias)
 
-  ref = lambda q, k, v, table: dense_reference(q, k, v, table, window=window, shift=shift,  # noqa: E731
-                                               scale=0.5)
+  def ref(q, k, v, table):
+    return dense_reference(q, k, v, table, window=window, shift=shift, scale=0.5)
+
   np.testing.assert_allclose(ours(q, k, v, table), ref(q, k, v, table), atol=1e-5, rtol=1e-5)
   loss = lambda f: lambda *a: jnp.sum(f(*a) * w_out)  # noqa: E731
   g_ours = jax.grad(loss(ours), argnums=(0, 1, 2, 3))(q, k, v, table)

@@ -22,6 +22,7 @@ fixtures in tests/golden/ were made with are stored in each fixture):
   cvt          microsoft/CvT, lib/models/cls_cvt.py               cvt_13, cvt_21, cvt_w24
   rmt          qhfan/RMT, classfication_release/RMT.py (T) and
                classification_token_label_release/RMT.py (S/B/L)  rmt_t, rmt_s, rmt_b, rmt_l
+  cswin        microsoft/CSWin-Transformer, models/cswin.py       cswin_{tiny,small,base}_224
 
 Layout differences the rules undo: torch Linear (out, in) -> Flax kernel (in, out); Conv2d
 (O, I, kh, kw) -> (kh, kw, I, O); a 1x1 Conv2d -> a Dense kernel; a depthwise Conv2d (C, 1, k, k)
@@ -431,6 +432,73 @@ def _rmt_overrides(state) -> Overrides:
 
 
 # ---------------------------------------------------------------------------------------------
+# CSWin (microsoft/CSWin-Transformer, models/cswin.py). vitjax: stem/{conv,norm},
+# stages_{i}/downsample/{conv,norm} (the official merge{i} precedes stage{i+1}),
+# stages_{i}/blocks_{j}/{norm1,attn,norm2,mlp}; the official fused qkv and proj live in the
+# block, LePE's get_v in attns.{b}; vitjax keeps all of them in the 'cswin' mixer ('attn').
+
+_CSW_STAGE = r"stage(\d+)\.(\d+)\."
+
+
+def _cswin_rules() -> tuple[Rule, ...]:
+  p = "params/"
+  rules = [
+      rule(r"stage1_conv_embed\.0\.weight", p + "stem/conv/kernel", transform=conv),
+      rule(r"stage1_conv_embed\.0\.bias", p + "stem/conv/bias"),
+      rule(r"stage1_conv_embed\.2\.weight", p + "stem/norm/scale"),
+      rule(r"stage1_conv_embed\.2\.bias", p + "stem/norm/bias"),
+      rule(r"merge(\d+)\.conv\.weight", p + "stages_{0}/downsample/conv/kernel", transform=conv),
+      rule(r"merge(\d+)\.conv\.bias", p + "stages_{0}/downsample/conv/bias"),
+      rule(r"merge(\d+)\.norm\.weight", p + "stages_{0}/downsample/norm/scale"),
+      rule(r"merge(\d+)\.norm\.bias", p + "stages_{0}/downsample/norm/bias"),
+      rule(r"norm\.weight", p + "norm/scale"),
+      rule(r"norm\.bias", p + "norm/bias"),
+      rule(r"head\.weight", p + "head/kernel", transform=linear),
+      rule(r"head\.bias", p + "head/bias"),
+  ]
+  for s in range(1, 5):     # the official model has four stages, stage1 .. stage4
+    block = rf"stage{s}\.(\d+)\."
+    out = p + f"stages_{s - 1}/blocks_{{0}}/"
+    attn = out + "attn/"
+    rules += [
+        rule(block + r"qkv\.weight", attn + "query/kernel", attn + "key/kernel",
+             attn + "value/kernel", transform=mapping.split(3, linear)),
+        rule(block + r"qkv\.bias", attn + "query/bias", attn + "key/bias", attn + "value/bias",
+             transform=mapping.split(3, mapping.copy)),
+        rule(block + r"proj\.weight", attn + "out/kernel", transform=linear),
+        rule(block + r"proj\.bias", attn + "out/bias"),
+        rule(block + r"attns\.(\d+)\.get_v\.weight", attn + "lepe_{1}/kernel", transform=depthwise),
+        rule(block + r"attns\.(\d+)\.get_v\.bias", attn + "lepe_{1}/bias"),
+        rule(block + r"(norm[12])\.weight", out + "{1}/scale"),
+        rule(block + r"(norm[12])\.bias", out + "{1}/bias"),
+        rule(block + r"mlp\.fc1\.weight", out + "mlp/Dense_0/kernel", transform=linear),
+        rule(block + r"mlp\.fc1\.bias", out + "mlp/Dense_0/bias"),
+        rule(block + r"mlp\.fc2\.weight", out + "mlp/Dense_1/kernel", transform=linear),
+        rule(block + r"mlp\.fc2\.bias", out + "mlp/Dense_1/bias"),
+    ]
+  return tuple(rules)
+
+
+def _cswin_overrides(state) -> Overrides:
+  """embed_dim, stem stride, depths, MLP ratio and classes, read off the weights (num_heads and
+  split_size do not show in them: pass them for a non-standard size)."""
+  found: Overrides = {}
+  if "stage1_conv_embed.0.weight" in state:
+    embed_dim, _, k, _ = _shape(state, "stage1_conv_embed.0.weight")
+    found.update(embed_dim=embed_dim, patch_size=(k + 1) // 2)
+  per_stage = _count(state, _CSW_STAGE)
+  if per_stage:
+    found["depths"] = tuple(per_stage.get((s,), 0) for s in range(1, max(per_stage)[0] + 1))
+  if "stage1.0.mlp.fc1.weight" in state and "embed_dim" in found:
+    found["mlp_ratio"] = _shape(state, "stage1.0.mlp.fc1.weight")[0] / found["embed_dim"]
+  if "head.weight" in state:
+    found["num_classes"] = _shape(state, "head.weight")[0]
+  elif "norm.weight" in state:
+    found["num_classes"] = 0
+  return found
+
+
+# ---------------------------------------------------------------------------------------------
 # The table. A family added here is all from_official needs.
 
 FAMILIES: dict[str, Family] = {
@@ -474,6 +542,15 @@ FAMILIES: dict[str, Family] = {
         overrides=_rmt_overrides,
         always=("num_classes", "token_label"),
         ignore=(r".*\.num_batches_tracked", r"layers\.\d+\.Relpos\.(angle|decay)")),
+    "cswin": Family(
+        name="cswin",
+        repository="microsoft/CSWin-Transformer",
+        marker=r"stage1_conv_embed\.",
+        models={"cswin_tiny_224": ("CSWin_64_12211_tiny_224",),
+                "cswin_small_224": ("CSWin_64_24322_small_224",),
+                "cswin_base_224": ("CSWin_96_24322_base_224",)},
+        rules=_cswin_rules(),
+        overrides=_cswin_overrides),
 }
 
 
