@@ -114,6 +114,7 @@ def _linear_functional(seed, shape):
 def test_timm_layout_matches_reference_forward_and_gradients():
   sd = fake_timm_vit(**TINY)
   model, variables, meta = convert.from_timm(sd, "vit_tiny_patch16_224", **TINY_OVERRIDES)
+  assert meta.pop("preprocess")["mean"] == [0.5, 0.5, 0.5]  # timm's eval transform (predict's)
   assert meta == {"source": "timm", "source_model": "vit_tiny_patch16_224",
                   "model_name": "vit_ti16", "image_size": [8, 8],
                   "model_overrides": {"num_classes": 5, "depth": 2, **TINY_OVERRIDES}}

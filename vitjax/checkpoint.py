@@ -9,6 +9,9 @@ Two kinds of checkpoint:
     have them.
 Saves are atomic (Orbax writes to a temporary directory and renames it), so a run killed mid-save keeps its
 last complete checkpoint.
+
+`read_for_inference(DIR)` reads the variables of either kind for `vitjax.evaluate` / `vitjax.predict`:
+from a workdir, only the params and batch_stats of its latest checkpoint (no optimizer state).
 """
 from __future__ import annotations
 
@@ -31,11 +34,11 @@ def _abstract(tree):
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for the training loop."""
 
-  def __init__(self, directory: str, *, max_to_keep: int = 2):
+  def __init__(self, directory: str, *, max_to_keep: int = 2, create: bool = True):
     self.directory = os.path.abspath(directory)
     self._mngr = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": ocp.JsonCheckpointHandler()})
 
@@ -161,6 +164,15 @@ def _merge(new, old, skip, prefix: str) -> tuple[Any, list[str]]:
   """`new` with every non-skipped leaf taken from `old`, plus the list of mismatches."""
   flat_new = {"/".join(k): v for k, v in _flatten(new)}
   flat_old = {"/".join(k): v for k, v in _flatten(old)}
+  problems = _problems(flat_new, flat_old, skip, prefix)
+  if problems:
+    return new, problems
+  merged = {p: (v if skip and skip.search(p) else jnp.asarray(flat_old[p], v.dtype))
+            for p, v in flat_new.items()}
+  return _unflatten(merged, new), []
+
+
+def _problems(flat_new: dict, flat_old: dict, skip, prefix: str) -> list[str]:
   problems = []
   for path, value in flat_new.items():
     if skip and skip.search(path):
@@ -171,11 +183,7 @@ def _merge(new, old, skip, prefix: str) -> tuple[Any, list[str]]:
       problems.append(f"shape {prefix}{path}: checkpoint {flat_old[path].shape} vs model {value.shape}")
   problems += [f"unexpected {prefix}{p}" for p in flat_old
                if p not in flat_new and not (skip and skip.search(p))]
-  if problems:
-    return new, problems
-  merged = {p: (v if skip and skip.search(p) else jnp.asarray(flat_old[p], v.dtype))
-            for p, v in flat_new.items()}
-  return _unflatten(merged, new), []
+  return problems
 
 
 def _flatten(tree):
@@ -186,3 +194,79 @@ def _flatten(tree):
 def _unflatten(flat: dict, like):
   leaves = [flat["/".join(k)] for k, _ in _flatten(like)]
   return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def _host_abstract(tree):
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+
+
+def read_run_variables(directory: str, step: int | None = None) -> tuple[dict, int]:
+  """{'params', 'batch_stats'?} of a training checkpoint under `directory` (a workdir's
+  checkpoints/ folder) at `step` (default: the latest), and that step. The optimizer state and the
+  data iterator's state stay on disk."""
+  mngr = ocp.CheckpointManager(
+      os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=False),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+  try:
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+      raise ValueError(f"{directory!r} holds no finished checkpoint")
+    saved = mngr.item_metadata(step)["state"]
+    target = {k: _host_abstract(saved[k]) for k in ("params", "batch_stats") if k in saved}
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  finally:
+    mngr.close()
+  return dict(out["state"]), step
+
+
+def checkpoint_kind(directory: str) -> str:
+  """'run' (a workdir, DIR/checkpoints/<step>), 'params' (DIR/params, as vitjax.convert writes), or
+  a ValueError naming DIR and what was expected."""
+  directory = os.path.abspath(os.path.expanduser(directory))
+  if not os.path.isdir(directory):
+    raise ValueError(f"--checkpoint={directory!r} does not exist; expected a training run's "
+                     "workdir or a directory written by `python -m vitjax.convert`")
+  if os.path.isdir(os.path.join(directory, "checkpoints")):
+    return "run"
+  if os.path.isdir(os.path.join(directory, "params")):
+    return "params"
+  raise ValueError(f"--checkpoint={directory!r} is neither a training run's workdir (no "
+                   "checkpoints/ folder) nor a parameter checkpoint written by `python -m "
+                   "vitjax.convert` or vitjax.checkpoint.save_params (no params/ folder)")
+
+
+def read_for_inference(directory: str) -> tuple[dict, dict]:
+  """(variables, record) of a workdir (its latest checkpoint) or a parameter checkpoint.
+
+  `record` = {'kind': 'run' | 'params', 'path', 'step' (runs), 'meta' (parameter checkpoints: what
+  the converter recorded)}. Arrays land on the default device.
+  """
+  directory = os.path.abspath(os.path.expanduser(directory))
+  kind = checkpoint_kind(directory)
+  if kind == "run":
+    try:
+      variables, step = read_run_variables(os.path.join(directory, "checkpoints"))
+    except ValueError as e:
+      raise ValueError(f"--checkpoint={directory!r} is a workdir, but {e}; train it first") from None
+    return variables, {"kind": kind, "path": directory, "step": step, "meta": {}}
+  variables, meta = load_variables(directory)
+  return variables, {"kind": kind, "path": directory, "step": None, "meta": meta}
+
+
+def fit_problems(variables: dict, like: dict) -> list[str]:
+  """Every path or shape where `variables` differ from `like` (e.g. jax.eval_shape of model.init),
+  over params and batch_stats: an empty list when the checkpoint fits the model."""
+  problems = []
+  for coll in sorted(set(variables) | set(like)):
+    if coll not in variables:
+      problems.append(f"missing {coll} (the model has {len(_flatten(like[coll]))} entries)")
+    elif coll not in like:
+      problems.append(f"unexpected {coll} (the model has none)")
+    else:
+      prefix = "" if coll == "params" else coll + "/"
+      problems += _problems({"/".join(k): v for k, v in _flatten(like[coll])},
+                            {"/".join(k): v for k, v in _flatten(variables[coll])}, None, prefix)
+  return problems

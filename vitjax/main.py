@@ -3,6 +3,10 @@
 `configs/NAME.py` is resolved against the installed package when it does not exist relative to the working
 directory, so the command works from anywhere. The default workdir is `runs/<config name>`; running the same
 command again resumes from the last checkpoint.
+
+The console shows the runner's lines only; `--verbosity=1` adds other libraries' INFO logs (Orbax, TFDS,
+JAX) and the traceback of an error, which is otherwise one `error: ...` line naming what to fix.
+`vitjax.evaluate` and `vitjax.predict` share the config handling below.
 """
 from __future__ import annotations
 
@@ -17,9 +21,11 @@ from ml_collections import config_flags
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/NAME.py[:ARG]).",
-                                lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
+
+def define_config_flag(help_text: str = "Experiment config file (configs/NAME.py[:ARG])."):
+  """Defines --config (and its --config.KEY=VALUE overrides) once per process."""
+  if "config" not in flags.FLAGS:
+    config_flags.DEFINE_config_file("config", None, help_text, lock_config=True)
 
 
 def resolve_config_arg(value: str) -> str:
@@ -77,17 +83,42 @@ def default_workdir(config_value: str) -> str:
   return os.path.join("runs", name + (f"_{arg.replace(',', '_').replace('=', '-')}" if arg else ""))
 
 
+def cli_errors(fn, *args, **kwargs):
+  """Runs fn(*args) for a command line: a ValueError (bad input) becomes one `error: ...` line and
+  exit status 2; --verbosity=1 shows the traceback instead."""
+  from vitjax import console  # pylint: disable=g-import-not-at-top
+  try:
+    return fn(*args, **kwargs)
+  except (ValueError, FloatingPointError) as e:
+    if console.verbosity(flags.FLAGS.verbosity) >= 1:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments {argv[1:]}; options are --config=..., "
+                         "--workdir=... and --config.KEY=VALUE.")
+  from vitjax import console  # pylint: disable=g-import-not-at-top
+  console.setup(flags.FLAGS.verbosity)
   from vitjax import train  # pylint: disable=g-import-not-at-top
   config_value = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "run")
-  workdir = _WORKDIR.value or default_workdir(config_value)
-  train.train_and_evaluate(flags.FLAGS.config, workdir)
+  workdir = flags.FLAGS.workdir or default_workdir(config_value)
+  cli_errors(train.train_and_evaluate, flags.FLAGS.config, workdir)
+
+
+def prepare_argv():
+  """Resolves configs/NAME.py against the package and checks --config.KEY overrides (sys.argv)."""
+  sys.argv = _resolve_argv(sys.argv)
+  check_overrides(sys.argv)
 
 
 def run():
-  sys.argv = _resolve_argv(sys.argv)
-  check_overrides(sys.argv)
+  define_config_flag()
+  if "workdir" not in flags.FLAGS:
+    flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>).")
+  prepare_argv()
   app.run(main)
 
 

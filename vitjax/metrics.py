@@ -1,11 +1,8 @@
-"""What a run writes besides checkpoints: metrics.jsonl, curves.png, and console progress lines."""
+"""What a run writes besides checkpoints: metrics.jsonl and curves.png (console lines: console.py)."""
 from __future__ import annotations
 
 import json
-import math
 import os
-
-from absl import logging
 
 
 class MetricWriter:
@@ -59,18 +56,3 @@ class MetricWriter:
     fig.tight_layout()
     fig.savefig(self.plot_path, dpi=100)
     plt.close(fig)
-
-
-def _duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def log_progress(step: int, total: int, loss: float, images_per_sec: float, lr: float,
-                 sec_per_step: float):
-  logging.info("step %d/%d | loss %.4f | %.0f img/s | lr %.2e | %s left", step, total, loss,
-               images_per_sec, lr, _duration((total - step) * sec_per_step))

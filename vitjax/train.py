@@ -8,21 +8,27 @@ keys (folded from the step) and per-step apply arguments (drawn from the step by
 `vitjax.models.schedules`, e.g. LookupViT's grids), so a resumed run ends where an uninterrupted one
 would. The loop knows no model: what varies per step comes from the schedule, and BatchNorm running
 statistics (`batch_stats`) travel in the train state next to the params.
+
+Every config error that needs no data (batch sizes against the device count, data fields, the model
+name and fields, the image size against the model's stride, LookupViT grids) is raised by
+`check_config` before any data is read or anything is written, each naming its field. The console
+shows the runner's own lines only (vitjax/console.py).
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from vitjax import checkpoint
+from vitjax import console
 from vitjax import data as vdata
 from vitjax import metrics as vmetrics
 from vitjax import optim
@@ -88,16 +94,48 @@ def make_train_step(model, tx, *, label_smoothing: float = 0.0):
   return train_step
 
 
-def make_eval_step(model):
-  """`eval_step(variables, batch, apply_kwargs=()) -> (loss sum, correct sum, count)`; BatchNorm
-  layers use their running averages (train=False, nothing mutable)."""
+def make_eval_step(model, normalize=None):
+  """`eval_step(variables, batch, apply_kwargs=()) -> (loss sum, top-1 correct, top-5 correct,
+  count)` over the batch's real examples (batch['mask']); BatchNorm layers use their running
+  averages (train=False, nothing mutable). Top-5 is top-k with k = min(5, classes).
+
+  `normalize` maps the pipeline's [-1, 1] images to what the weights expect (converted weights
+  trained with other mean/std); None keeps them.
+  """
   def eval_step(variables, batch, apply_kwargs=()):
-    logits = model.apply(variables, batch["image"], train=False, **dict(apply_kwargs))
+    images = batch["image"] if normalize is None else normalize(batch["image"])
+    logits = model.apply(variables, images, train=False, **dict(apply_kwargs))
     mask = batch["mask"].astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    return jnp.sum(loss * mask), jnp.sum(correct * mask), jnp.sum(mask)
+    labels = batch["label"]
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    _, top = jax.lax.top_k(logits, min(5, logits.shape[-1]))
+    correct5 = jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+    return jnp.sum(loss * mask), jnp.sum(correct * mask), jnp.sum(correct5 * mask), jnp.sum(mask)
   return eval_step
+
+
+def eval_pass(eval_step, variables, data_config, *, batch_size: int, apply_kwargs: dict,
+              batch_sharding) -> dict[str, float]:
+  """One pass over data_config's eval split: {'loss', 'accuracy', 'top5', 'count'}.
+
+  The runner's evals and `python -m vitjax.evaluate` both call this, so a checkpoint evaluated
+  later gives the numbers its run logged.
+  """
+  sums = np.zeros(4)
+  for batch in vdata.eval_iterator(data_config, batch_size=batch_size,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count()):
+    sums += np.asarray(jax.device_get(eval_step(variables, to_global(batch, batch_sharding),
+                                                apply_kwargs=static_kwargs(apply_kwargs))))
+  return {"loss": sums[0] / sums[3], "accuracy": sums[1] / sums[3], "top5": sums[2] / sums[3],
+          "count": sums[3]}
+
+
+def to_global(batch: dict, batch_sharding) -> dict:
+  """This process's part of a batch -> global arrays sharded along 'data'."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+          for k, v in batch.items()}
 
 
 def gmacs(model, variables, image_shape, apply_kwargs: dict | None = None) -> float:
@@ -110,29 +148,86 @@ def gmacs(model, variables, image_shape, apply_kwargs: dict | None = None) -> fl
 
 def _check_batch(name: str, value: int):
   n = jax.device_count()
-  if value <= 0 or value % n:
+  if not isinstance(value, int) or value <= 0 or value % n:
     raise ValueError(f"config.{name}={value} is not divisible by the device count {n}; allowed "
                      f"values are positive multiples of {n}")
 
 
+def total_stride(model) -> int | None:
+  """The image size must be a multiple of this: the patch size of a ViT, the product of the stem's
+  and every downsampling layer's strides of a multi-stage model (DESIGN.md, decision 11)."""
+  info = getattr(model, "feature_info", None)
+  if not callable(info):
+    return None
+  return max(f.stride for f in info())
+
+
+def check_config(config, *, check_batches: bool = True):
+  """Raises the first config error that needs no data, naming its field; returns (model, schedule).
+
+  Runs before the data is touched, so a wrong image size is reported as such even when the
+  dataset is not prepared yet. The model is built with its default head (the class count comes
+  from the data later); `jax.eval_shape` traces `init` at every train and eval setting, which
+  raises the model's own errors (bad grids, sizes) without compiling or allocating anything.
+  """
+  if check_batches:
+    _check_batch("batch_size", config.batch_size)
+    _check_batch("eval_batch_size", config.eval_batch_size)
+  vdata.check_config(config.data)
+  model = create_model(config.model_name, **config.model.to_dict())
+  size = config.data.image_size
+  stride = total_stride(model)
+  if stride and size % stride:
+    patch = getattr(model, "patch_size", None)
+    what = f"patch_size={patch}" if isinstance(patch, int) and patch == stride else "its stem and stages"
+    raise ValueError(f"config.data.image_size={size} gives {size}x{size} images, but "
+                     f"model_name={config.model_name!r} needs a multiple of its total stride {stride} "
+                     f"({what}); allowed values are multiples of {stride}")
+  apply_schedule = schedules.for_model(model, config)
+  settings = [apply_schedule.init_kwargs(), *apply_schedule.train_settings(),
+              *(kw for _, kw in apply_schedule.evals())]
+  dummy = jax.ShapeDtypeStruct((1, size, size, config.data.channels or 3), jnp.float32)
+  for kw in {static_kwargs(kw): kw for kw in settings}.values():
+    shapes = jax.eval_shape(functools.partial(model.init, **kw), jax.random.key(0), dummy)
+    if set(shapes) - {"params", "batch_stats"}:
+      raise ValueError(f"model_name={config.model_name!r} keeps variable collections "
+                       f"{sorted(shapes)}; the runner carries only 'params' and 'batch_stats'")
+  return model, apply_schedule
+
+
+def write_run_files(workdir: str, config, info):
+  """config.json (the run's config) and dataset.json (what the data turned out to be: its TFDS
+  name, class names and image shape), which `vitjax.evaluate` and `vitjax.predict` read back."""
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  with open(os.path.join(workdir, "dataset.json"), "w") as f:
+    json.dump({"name": info.name, "num_classes": info.num_classes,
+               "image_shape": list(info.image_shape), "class_names": list(info.class_names),
+               "train_size": info.train_size, "eval_size": info.eval_size}, f, indent=1)
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last eval metrics."""
+  console.setup()
+  t_start = time.time()
   if config.distributed:
     jax.distributed.initialize()
-  logging.info("JAX %s: process %d/%d, %d devices (%s)", jax.__version__, jax.process_index(),
-               jax.process_count(), jax.device_count(), jax.devices()[0].platform)
-  workdir = os.path.abspath(os.path.expanduser(workdir))
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  _check_batch("batch_size", config.batch_size)
-  _check_batch("eval_batch_size", config.eval_batch_size)
+  devices = jax.devices()
+  console.log("devices: %d x %s (%s), process %d/%d, JAX %s", len(devices), devices[0].platform,
+              devices[0].device_kind, jax.process_index(), jax.process_count(), jax.__version__)
+  check_config(config)  # before any data is read or anything is written
 
   mesh = make_mesh()
   repl = jax.NamedSharding(mesh, jax.P())
   batch_sharding = jax.NamedSharding(mesh, jax.P("data"))
   info = vdata.dataset_info(config.data)
+  console.log("data %s: %s train (%s), %s eval (%s), %dx%dx%d images, %d classes", info.name,
+              f"{info.train_size:,}", config.data.train_split, f"{info.eval_size:,}",
+              config.data.eval_split, *info.image_shape, info.num_classes)
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    write_run_files(workdir, config, info)
   model = create_model(config.model_name, num_classes=info.num_classes, **config.model.to_dict())
   apply_schedule = schedules.for_model(model, config)
   evals = apply_schedule.evals()
@@ -141,12 +236,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   key = jax.random.key(config.seed)
   init_key, dropout_key = jax.random.split(key)
   dummy = jnp.zeros((1, *info.image_shape), jnp.float32)
-  settings = [apply_schedule.init_kwargs(), *apply_schedule.train_settings(), *(kw for _, kw in evals)]
-  for kw in {static_kwargs(kw): kw for kw in settings}.values():  # Checks before compiling.
-    shapes = jax.eval_shape(functools.partial(model.init, **kw), init_key, dummy)
-    if set(shapes) - {"params", "batch_stats"}:
-      raise ValueError(f"model_name={config.model_name!r} keeps variable collections "
-                       f"{sorted(shapes)}; the runner carries only 'params' and 'batch_stats'")
 
   @functools.partial(jax.jit, out_shardings=repl)
   def init_state(k):
@@ -159,7 +248,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   state = init_state(init_key)
   n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
-  logging.info("model %s: %s params", config.model_name, f"{n_params:,}")
+  console.log("model %s: %s params", config.model_name, f"{n_params:,}")
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                  max_to_keep=config.keep_checkpoints)
   writer = vmetrics.MetricWriter(workdir)
@@ -171,11 +260,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     state, data_state = ckpt.restore(start, state, model_name=config.model_name)
     train_iter.set_state(data_state)
     writer.truncate_after(start)
-    logging.info("resumed from %s at step %d", ckpt.directory, start)
+    console.log("resumed from %s at step %d", ckpt.directory, start)
   else:
     start = 0
     if config.init_from:
       state = init_state_from(config, state, tx, repl)
+      console.log("initialised from %s (kept fresh: %s)", config.init_from,
+                  config.init_from_skip or "nothing")
 
   train_step = jax.jit(make_train_step(model, tx, label_smoothing=config.label_smoothing),
                        donate_argnums=(0,), static_argnames=("apply_kwargs",),
@@ -183,40 +274,52 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   eval_step = jax.jit(make_eval_step(model), static_argnames=("apply_kwargs",))
   macs = {name: gmacs(model, state_variables(state), info.image_shape, kw) for name, kw in evals}
 
-  def to_global(batch):
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
-            for k, v in batch.items()}
-
   def evaluate(step):
     row = {}
     for name, kw in evals:
-      sums = np.zeros(3)
-      for batch in vdata.eval_iterator(config.data, batch_size=config.eval_batch_size,
-                                       process_index=jax.process_index(),
-                                       process_count=jax.process_count()):
-        sums += np.asarray(jax.device_get(eval_step(state_variables(state), to_global(batch),
-                                                    apply_kwargs=static_kwargs(kw))))
-      loss, acc = sums[0] / sums[2], sums[1] / sums[2]
-      row.update({f"eval/loss{name}": loss, f"eval/accuracy{name}": acc,
-                  f"eval/gmacs{name}": macs[name]})
-      logging.info("eval step %d%s: loss %.4f accuracy %.4f (%.4f GMACs/image)", step, name, loss,
-                   acc, macs[name])
+      m = eval_pass(eval_step, state_variables(state), config.data,
+                    batch_size=config.eval_batch_size, apply_kwargs=kw,
+                    batch_sharding=batch_sharding)
+      row.update({f"eval/loss{name}": m["loss"], f"eval/accuracy{name}": m["accuracy"],
+                  f"eval/top5{name}": m["top5"], f"eval/gmacs{name}": macs[name]})
+      console.log("eval step %d%s: loss %.4f | top-1 %.4f | top-5 %.4f | %.4f GMACs/image", step,
+                  name, m["loss"], m["accuracy"], m["top5"], macs[name])
     headline = apply_schedule.headline  # The plain keys repeat the schedule's headline setting.
     if headline:
       row.update({"eval/loss": row[f"eval/loss{headline}"],
-                  "eval/accuracy": row[f"eval/accuracy{headline}"]})
+                  "eval/accuracy": row[f"eval/accuracy{headline}"],
+                  "eval/top5": row[f"eval/top5{headline}"]})
     if jax.process_index() == 0:
       writer.write(step, row)
       writer.plot()
     return row
 
   losses, last_row = [], {}
-  t_log, step_log = time.time(), start
+  # Images/s count only steps that ran a compiled step: the first step of each apply setting (one
+  # per LookupViT grid) compiles, and is timed apart and left out, as are evals. Time left adds
+  # the remaining evals at the duration of the last one.
+  t_log, timed, excluded, compiled = time.time(), 0, 0.0, set()
+  eval_seconds = 0.0
+  n_evals_after = lambda s: sum(1 for k in range(s + 1, config.total_steps + 1)  # noqa: E731
+                                if k % config.eval_every_steps == 0 or k == config.total_steps)
+  progress = console.Progress(config.total_steps, start)
   try:
     for step in range(start + 1, config.total_steps + 1):
       kw = static_kwargs(apply_schedule.train_kwargs(step))
-      state, loss = train_step(state, to_global(next(train_iter)), dropout_key, apply_kwargs=kw)
+      first = kw not in compiled
+      if first:
+        jax.block_until_ready(losses)  # finish the steps before, so only this one is set apart
+        t_first = time.time()
+      state, loss = train_step(state, to_global(next(train_iter), batch_sharding), dropout_key,
+                               apply_kwargs=kw)
       losses.append(loss)
+      if first:
+        compiled.add(kw)
+        jax.block_until_ready(loss)
+        excluded += time.time() - t_first
+      else:
+        timed += 1
+      progress.advance(step)
       is_ckpt = step % config.checkpoint_every_steps == 0 or step == config.total_steps
       if step % config.log_every_steps == 0 or is_ckpt:
         values, norms = np.asarray(jax.device_get(losses)).T
@@ -227,23 +330,34 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
               f"loss {values[bad[0]]} / parameter norm {norms[bad[0]]} at step "
               f"{step - len(values) + 1 + bad[0]}: stopping. The last good checkpoint is step "
               f"{ckpt.latest_step()} in {ckpt.directory}")
-        elapsed = time.time() - t_log
-        sec_per_step = elapsed / max(step - step_log, 1)
+        if timed:
+          sec_per_step = max(time.time() - t_log - excluded, 1e-9) / timed
+        else:  # only compiling steps so far: their time is all there is
+          sec_per_step = (time.time() - t_log) / max(len(values), 1)
         ips = config.batch_size / sec_per_step
         lr = float(lr_schedule(step))
         if jax.process_index() == 0:
           writer.write(step, {"train/loss": values.mean(), "train/lr": lr, "train/images_per_sec": ips})
-        vmetrics.log_progress(step, config.total_steps, float(values.mean()), ips, lr, sec_per_step)
-        losses, t_log, step_log = [], time.time(), step
+        left = (config.total_steps - step) * sec_per_step + n_evals_after(step) * eval_seconds
+        progress.report(step, float(values.mean()), ips, lr, left)
+        losses, t_log, timed, excluded = [], time.time(), 0, 0.0
       if is_ckpt:
         ckpt.save(step, state, train_iter.get_state())
+        console.log("checkpoint step %d: %s", step, os.path.join(ckpt.directory, str(step)))
       if step % config.eval_every_steps == 0 or step == config.total_steps:
+        t_eval = time.time()
         last_row = evaluate(step)
-        t_log = time.time()  # Keep eval time out of the training throughput.
+        eval_seconds = time.time() - t_eval
+        t_log, timed, excluded = time.time(), 0, 0.0  # Keep eval time out of the throughput.
     if not last_row and start >= config.total_steps:
       last_row = evaluate(start)
   finally:
+    progress.close()
     ckpt.close()
+  if last_row:
+    console.log("done: step %d in %s, eval top-1 %.4f, top-5 %.4f; workdir %s", config.total_steps,
+                console.duration(time.time() - t_start), last_row["eval/accuracy"],
+                last_row["eval/top5"], workdir)
   return last_row
 
 

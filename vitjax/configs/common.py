@@ -29,12 +29,16 @@ def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
 def data_config(**overrides) -> mlc.ConfigDict:
   """`config.data`: which TFDS dataset, where it lives, and how images are prepared."""
   data = mlc.ConfigDict(dict(
-      name="fashion_mnist",    # any TFDS image-classification dataset prepared in array_record format
+      name="fashion_mnist",    # any TFDS image-classification dataset prepared in array_record format,
+      #                          or 'image_folder' (data.folder)
       data_dir="",             # TFDS data_dir; '' = TFDS's default (~/tensorflow_datasets)
       source_dir="",           # where the Fashion-MNIST IDX files are ('' = search the usual places)
+      folder="",               # name='image_folder': DIR/<split>/<class>/<image>, built into data_dir
+      skip_corrupt=False,      # image folders: leave out files that do not decode (logged) instead of
+      #                          stopping with the list of them
       image_size=28,           # images are resized to image_size x image_size
       channels=0,              # 0 = keep the dataset's channels; 1 or 3 converts
-      train_split="train",
+      train_split="train",     # TFDS split strings; slices carve splits: 'train[:90%]', 'train[90%:]'
       eval_split="test",
       augment="none",          # 'none' or 'crop_flip'
   ))

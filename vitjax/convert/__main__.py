@@ -73,6 +73,8 @@ def main(argv=None) -> int:
         f"{meta['image_size'][0]}x{meta['image_size'][1]} px, {count:,} parameters "
         f"(from {args.source} {meta['source_model']})")
   print(f"fine-tune with: --config.model_name={meta['model_name']} --config.init_from={args.out}")
+  print(f"classify images with: python -m vitjax.predict --checkpoint={args.out} IMAGE...")
+  print(f"evaluate with: python -m vitjax.evaluate --config=CONFIG --checkpoint={args.out}")
   return 0
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from vitjax.convert import mapping
 from vitjax.convert.mapping import Converted, Rule, conv, linear, rule, split
+from vitjax.data import pretrained
 from vitjax.models.registry import create_model
 
 Overrides = dict[str, Any]
@@ -249,5 +250,7 @@ def from_timm(state_dict: Mapping[str, Any], model_name: str, **overrides) -> Co
   params = mapping.apply_rules(state_dict, family.rules, target, ignore=family.ignore,
                                what=f"timm {family.name} {timm_name!r} -> vitjax {vitjax_name!r}")
   meta = {"source": "timm", "source_model": timm_name, "model_name": vitjax_name,
-          "model_overrides": dict(overrides), "image_size": list(image_shape[1:3])}
+          "model_overrides": dict(overrides), "image_size": list(image_shape[1:3]),
+          # timm's eval transform of these weights (input size, crop, mean/std), for vitjax.predict
+          "preprocess": pretrained.timm_preprocess(model_name, timm_name)}
   return Converted(model, {"params": params}, meta)

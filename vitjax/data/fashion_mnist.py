@@ -23,11 +23,12 @@ import os
 import tempfile
 import urllib.request
 
-from absl import logging
 from etils import epath
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
+
+from vitjax import console
 
 # The name of the prepared dataset under data_dir (distinct from TFDS's tfrecord 'fashion_mnist').
 DATASET_NAME = "vitjax_fashion_mnist"
@@ -112,7 +113,7 @@ def _download(target_dir: str) -> dict[tuple[str, str], str]:
     path = os.path.join(target_dir, name)
     if os.path.isfile(path):
       continue
-    logging.info("Downloading %s%s", DOWNLOAD_URL, name)
+    console.log("downloading %s%s", DOWNLOAD_URL, name)
     with urllib.request.urlopen(DOWNLOAD_URL + name, timeout=DOWNLOAD_TIMEOUT_S) as response:
       payload = response.read()
     digest = hashlib.sha256(payload).hexdigest()
@@ -218,10 +219,11 @@ def ensure_prepared(data_dir: str, source_dir: str = "") -> str:
     return DATASET_NAME
   files = locate_sources(source_dir, data_dir)
   source = os.path.dirname(files["train", "images"])
-  logging.info("Building Fashion-MNIST into %s from %s", version_dir, source)
+  console.log("building Fashion-MNIST into %s from %s", version_dir, source)
   builder = VitjaxFashionMnist(source_files=files, data_dir=data_dir, file_format="array_record")
   try:
-    builder.download_and_prepare()
+    with console.library_output():
+      builder.download_and_prepare()
   except Exception:
     # Another process (multi-host on a shared disk) may have finished the same build first.
     if not (version_dir / "dataset_info.json").exists():

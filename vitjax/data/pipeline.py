@@ -27,6 +27,7 @@ import grain
 import numpy as np
 
 from vitjax import choices
+from vitjax.data import image_folder
 from vitjax.data import preprocess
 from vitjax.data import sources
 
@@ -46,6 +47,10 @@ class DatasetInfo:
   train_size: int
   eval_size: int
   image_shape: tuple[int, int, int]  # (H, W, C) after preprocessing
+  # Not compared: two configs that read the same examples are the same dataset to the loop.
+  class_names: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+  # What tfds.data_source / tfds.builder take to read the prepared copy: 'name[/config]:version'.
+  name: str = dataclasses.field(default="", compare=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +64,8 @@ class _Spec:
   eval_split: str
   channels: int
   augment: str
+  folder: str = ""
+  skip_corrupt: bool = False
 
 
 def _field(cfg, name: str, default: Any = dataclasses.MISSING) -> Any:
@@ -79,6 +86,8 @@ def _spec(cfg) -> _Spec:
       eval_split=_field(cfg, "eval_split", "test"),
       channels=_field(cfg, "channels", 0),
       augment=_field(cfg, "augment", "none"),
+      folder=_field(cfg, "folder", "") or "",
+      skip_corrupt=_field(cfg, "skip_corrupt", False),
   )
   if not isinstance(spec.image_size, int) or isinstance(spec.image_size, bool) or spec.image_size < 1:
     raise ValueError(f"data.image_size must be a positive int, got {spec.image_size!r}.")
@@ -90,7 +99,26 @@ def _spec(cfg) -> _Spec:
     if not isinstance(getattr(spec, field), str) or not getattr(spec, field):
       raise ValueError(f"data.{field} must be a TFDS split name such as 'train', got "
                        f"{getattr(spec, field)!r}.")
+  if not isinstance(spec.skip_corrupt, bool):
+    raise ValueError(f"data.skip_corrupt must be True or False, got {spec.skip_corrupt!r}.")
+  if spec.name == image_folder.NAME and not spec.folder:
+    raise ValueError("data.name='image_folder' needs data.folder=DIR, a folder laid out as "
+                     "DIR/<split>/<class>/<image>.")
+  if spec.folder and spec.name != image_folder.NAME:
+    raise ValueError(f"data.folder={spec.folder!r} is set, but data.name={spec.name!r}; set "
+                     "data.name='image_folder' to read the folder (or clear data.folder).")
   return spec
+
+
+def check_config(cfg):
+  """Checks config.data's fields without reading any data (the runner calls it first)."""
+  _spec(cfg)
+
+
+def _open(spec: _Spec):
+  splits = {"data.train_split": spec.train_split, "data.eval_split": spec.eval_split}
+  return sources.open_dataset(spec.name, spec.data_dir, spec.source_dir, folder=spec.folder,
+                              skip_corrupt=spec.skip_corrupt, splits=splits)
 
 
 def _local_batch(batch_size: int, process_index: int, process_count: int) -> int:
@@ -110,7 +138,7 @@ def dataset_info(cfg) -> DatasetInfo:
   Builds Fashion-MNIST into data.data_dir on first use if needed.
   """
   spec = _spec(cfg)
-  builder = sources.open_dataset(spec.name, spec.data_dir, spec.source_dir)
+  builder = _open(spec)
   train = sources.data_source(builder, spec.train_split, field="data.train_split")
   evals = sources.data_source(builder, spec.eval_split, field="data.eval_split")
   channels = spec.channels or sources.image_channels(builder)
@@ -119,6 +147,8 @@ def dataset_info(cfg) -> DatasetInfo:
       train_size=len(train),
       eval_size=len(evals),
       image_shape=(spec.image_size, spec.image_size, channels),
+      class_names=tuple(builder.info.features["label"].names),
+      name=sources.tfds_name(builder),
   )
 
 
@@ -153,7 +183,7 @@ class _BatchReader:
   """
 
   def __init__(self, spec: _Spec, split: str, field: str, *, augment: bool):
-    builder = sources.open_dataset(spec.name, spec.data_dir, spec.source_dir)
+    builder = _open(spec)
     self.source = sources.data_source(builder, split, field=field)
     if not len(self.source):
       raise ValueError(f"{field}={split!r} of data.name={spec.name!r} is empty.")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 from typing import Sequence
 
 import numpy as np
@@ -141,3 +142,41 @@ def preprocess_batch(images: Sequence[np.ndarray] | np.ndarray, *, image_size: i
   if channels == 3 and x.shape[-1] == 1:
     x = np.repeat(x, 3, axis=-1)
   return x
+
+
+# PIL filters by the names timm's pretrained configs use.
+PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+               "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def center_crop_eval(image: Image.Image, image_size: int, *, crop_pct: float = 1.0,
+                     crop_mode: str = "center", interpolation: str = "bicubic",
+                     mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,)) -> np.ndarray:
+  """timm's eval transform of one PIL image -> float32 (S, S, C), written without torch.
+
+  Step by step what `timm.data.create_transform(is_training=False)` does on a PIL image: resize to
+  floor(S / crop_pct) (the shorter side, keeping the aspect ratio, for crop_mode 'center'; both
+  sides for 'squash') with PIL's filter, crop the centre S x S (torchvision's rounding), scale to
+  [0, 1] and normalise with mean/std. Using the same PIL resize as torchvision keeps predictions of
+  converted timm weights the same as timm's on the same files.
+  """
+  if crop_mode not in ("center", "squash"):
+    raise ValueError(f"Unknown crop_mode={crop_mode!r}. Allowed values: center, squash.")
+  if interpolation not in PIL_FILTERS:
+    raise ValueError(f"Unknown interpolation={interpolation!r}. Allowed values: "
+                     f"{', '.join(PIL_FILTERS)}.")
+  scale = math.floor(image_size / crop_pct)
+  w, h = image.size
+  if crop_mode == "squash":
+    new_w, new_h = scale, scale
+  elif w <= h:  # torchvision's Resize(int): the shorter side becomes `scale`
+    new_w, new_h = scale, int(scale * h / w)
+  else:
+    new_w, new_h = int(scale * w / h), scale
+  image = image.resize((new_w, new_h), PIL_FILTERS[interpolation])
+  top = int(round((new_h - image_size) / 2.0))
+  left = int(round((new_w - image_size) / 2.0))
+  image = image.crop((left, top, left + image_size, top + image_size))
+  x = np.asarray(image, np.float32) / np.float32(255.0)
+  x = x[..., None] if x.ndim == 2 else x
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

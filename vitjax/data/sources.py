@@ -4,7 +4,8 @@ A dataset is read straight from its prepared directory, <data_dir>/<name>[/<conf
 `tfds.builder_from_directory`, so neither its builder code nor TensorFlow is needed: any TFDS dataset
 that was prepared in the array_record format (features 'image' and 'label') works by name. The name may
 carry a config and a version as in TFDS ('imagenet2012', 'cifar10:3.0.2', 'name/config:1.0.0'); without
-a version the newest prepared one is used. 'fashion_mnist' is built on first use (see fashion_mnist.py).
+a version the newest prepared one is used. 'fashion_mnist' is built on first use (see fashion_mnist.py), and
+so is 'image_folder', from the folder data.folder names (see image_folder.py).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from etils import epath
 import tensorflow_datasets as tfds
 
 from vitjax.data import fashion_mnist
+from vitjax.data import image_folder
 
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
@@ -51,7 +53,8 @@ def _not_prepared_error(name: str, data_dir: str, detail: str) -> ValueError:
            "with manual downloads such as imagenet2012 also need --manual_dir=<folder with the "
            "archives>; builders that use TensorFlow need the 'tf' extra at build time only.")
   else:
-    how = ("It is not a TFDS dataset either. Use 'fashion_mnist' (built locally), a TFDS dataset name, "
+    how = ("It is not a TFDS dataset either. Use 'fashion_mnist' (built locally), 'image_folder' "
+           "with data.folder=DIR (DIR/<split>/<class>/<image>, built locally), a TFDS dataset name, "
            "or any image-classification dataset prepared with TFDS in array_record format under "
            "data.data_dir.")
   return ValueError(
@@ -64,13 +67,18 @@ def open_prepared(path: str) -> tfds.core.DatasetBuilder:
   return tfds.builder_from_directory(path)
 
 
-def open_dataset(name: str, data_dir: str, source_dir: str = "") -> tfds.core.DatasetBuilder:
+def open_dataset(name: str, data_dir: str, source_dir: str = "", *, folder: str = "",
+                 skip_corrupt: bool = False,
+                 splits: dict[str, str] | None = None) -> tfds.core.DatasetBuilder:
   """A read-only TFDS builder for data.name under data_dir, checked to be an array_record classifier.
 
   Args:
-    name: data.name; 'fashion_mnist' is built into data_dir on first use.
+    name: data.name; 'fashion_mnist' and 'image_folder' are built into data_dir on first use.
     data_dir: the resolved data directory (see resolve_data_dir).
     source_dir: data.source_dir, where the Fashion-MNIST IDX files may be.
+    folder: data.folder, the DIR/<split>/<class>/<image> folder of data.name='image_folder'.
+    skip_corrupt: data.skip_corrupt (image folders: leave out files that do not decode).
+    splits: config field -> split string, for image folders to check before building.
 
   Raises:
     ValueError: naming data.name / data.data_dir and how to prepare the dataset, when it is missing,
@@ -80,6 +88,8 @@ def open_dataset(name: str, data_dir: str, source_dir: str = "") -> tfds.core.Da
     raise ValueError(f"data.name must be a non-empty dataset name, got {name!r}.")
   if name == "fashion_mnist":
     name = fashion_mnist.ensure_prepared(data_dir, source_dir)
+  elif name == image_folder.NAME:
+    name = image_folder.ensure_prepared(folder, data_dir, skip_corrupt=skip_corrupt, splits=splits)
   base, _, version = name.partition(":")
   dataset_dir = epath.Path(data_dir) / base
   versions = _prepared_versions(dataset_dir)
@@ -102,6 +112,13 @@ def open_dataset(name: str, data_dir: str, source_dir: str = "") -> tfds.core.Da
         f"data.name={name!r} is not an image classification dataset: it needs an 'image' feature and a "
         f"ClassLabel 'label' feature; it has {features}.")
   return builder
+
+
+def tfds_name(builder: tfds.core.DatasetBuilder) -> str:
+  """'name[/config]:version', the string tfds.data_source(..., data_dir=...) reads the copy with."""
+  info = builder.info
+  config = f"/{info.config_name}" if info.config_name else ""
+  return f"{info.name}{config}:{info.version}"
 
 
 def image_channels(builder: tfds.core.DatasetBuilder) -> int:
