@@ -206,3 +206,15 @@ def test_bad_configs_raise():
   with pytest.raises(ValueError, match="data.image_size"):
     _shapes(vitjax.create_model("rmt_t"), 48)
   assert rmt.VARIANTS["rmt_b"]["layer_scales"] == (False, False, True, True)
+
+
+def test_configs_fashion_mnist_and_imagenet():
+  from vitjax.configs import rmt as rmt_config  # pylint: disable=g-import-not-at-top
+  c = rmt_config.get_config()
+  assert c.data.image_size % 32 == 0 and c.total_steps == 2500 and c.batch_size == 128
+  c.model.depths = (1, 1, 2, 1)                        # typed placeholders take tuples
+  model = vitjax.create_model(c.model_name, num_classes=10, **c.model)
+  assert model.depths == (1, 1, 2, 1) and model.dims == (32, 64, 128, 256)
+  c = rmt_config.get_config("imagenet")
+  assert c.lr == pytest.approx(1e-3) and c.model.drop_path == 0.1 and c.data.image_size == 224
+  assert c.min_lr_ratio * c.lr == pytest.approx(1e-5) and c.grad_clip_norm == 0.0

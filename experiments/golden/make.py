@@ -130,7 +130,8 @@ def run_case(case: Case, *, repo: str, file: str, full: bool, seed: int = 0) -> 
                  model=np.array(case.model), overrides=np.array(json.dumps(case.overrides)))
   diff = compare(fixture)
   out = {"model": case.model, "official": case.official, "params": count,
-         "input": list(case.input_shape), "max_abs_diff": diff}
+         "input": list(case.input_shape), "max_abs_logit": float(np.abs(logits).max()),
+         "max_abs_diff": diff}
   if not full:
     os.makedirs(GOLDEN, exist_ok=True)
     path = os.path.join(GOLDEN, f"{case.model}.npz")
