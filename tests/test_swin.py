@@ -1,6 +1,8 @@
-"""Swin: parameter counts equal timm's, the 'window_attn' mixer in another backbone, the shift
-alternating over the blocks, the padding path, and clear errors."""
+"""Swin: parameter counts equal timm's, logits equal timm's on perturbed weights (a reduced model
+with shifted, clipped and merged windows, and swin_tiny at 224 px), the 'window_attn' mixer in
+another backbone, the padding path, and clear errors."""
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +10,11 @@ import numpy as np
 import pytest
 
 import vitjax
+from vitjax import convert
 from vitjax.models import swin
 from vitjax.models.backbone import Tokens
 
-from tests import mixer_checks
+from tests import mixer_checks, torch_compat
 
 # 1000 classes at 224 px; timm's `sum(p.numel() for p in model.parameters())`.
 PINNED_COUNTS = {
@@ -37,6 +40,77 @@ def test_param_counts(name):
   shapes = jax.eval_shape(vitjax.create_model(name).init, jax.random.key(0),
                           jnp.zeros((1, 224, 224, 3)))
   assert _count(shapes) == PINNED_COUNTS[name]
+
+
+# A reduced Swin: 32 px, patch 2, window 4 -> stage grids 16, 8, 4: plain then shifted windows
+# with masks in stage 1, a 2x2 window grid after patch merging in stage 2, a window clipped to
+# the map (no shift) in stage 3.
+REDUCED = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 1, 1), num_heads=(2, 2, 4),
+               window_size=4, num_classes=5)
+
+
+def perturb(torch, model, seed):
+  """Re-draws every parameter away from its init (bias tables and LayerNorms included)."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for _, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      if p.ndim == 1:                                     # norm weights and biases
+        p.add_(0.2 * noise)
+      else:
+        fan_in = p.numel() // p.shape[0]
+        p.add_(max(0.5 * float(p.std()), 0.5 / math.sqrt(fan_in)) * noise)
+
+
+def _parity(torch, timm_model, size, batch, *, grads=False):
+  perturb(torch, timm_model, 1)
+  state = timm_model.state_dict()
+  model, variables, meta = convert.from_timm(state, "swin_tiny_patch4_window7_224")
+  assert meta["image_size"] == [size, size]
+  assert _count(variables) == sum(p.numel() for p in timm_model.parameters())
+  x = np.random.default_rng(2).standard_normal((batch, size, size, 3)).astype(np.float32)
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_(grads)
+  ref = timm_model(xt)
+  if not grads:
+    logits = jax.jit(model.apply)(variables, x)
+    np.testing.assert_allclose(logits, ref.detach().numpy(), atol=1e-4, rtol=1e-4)
+    return model
+  w = np.random.default_rng(3).standard_normal(ref.shape).astype(np.float32)
+  (ref * torch.from_numpy(w)).sum().backward()
+  def loss(x):
+    logits = model.apply(variables, x)
+    return jnp.sum(logits * w), logits
+  (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+  np.testing.assert_allclose(logits, ref.detach().numpy(), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(g, xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-4, rtol=1e-3)
+  return model
+
+
+def test_reduced_swin_matches_timm():
+  torch_compat.import_timm()
+  import torch  # pylint: disable=g-import-not-at-top
+  from timm.models.swin_transformer import SwinTransformer  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = _parity(torch, SwinTransformer(**REDUCED).eval(), 32, 2, grads=True)
+  assert model.depths == (2, 1, 1) and model.num_heads == (2, 2, 4) and model.window == 4
+
+
+def test_swin_tiny_matches_timm_at_224():
+  timm = torch_compat.import_timm()
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  with torch.no_grad():
+    _parity(torch, timm.create_model("swin_tiny_patch4_window7_224").eval(), 224, 1)
+
+
+def test_from_timm_is_strict():
+  state = {"patch_embed.proj.weight": np.zeros((8, 3, 4, 4), np.float32),
+           "layers.0.blocks.0.attn.relative_position_bias_table": np.zeros((9, 2), np.float32),
+           "layers.0.blocks.0.attn.qkv.weight": np.zeros((24, 8), np.float32),
+           "layers.0.blocks.0.attn.relative_position_index": np.zeros((4, 4), np.int64),
+           "layers.0.blocks.0.attn.lepe.weight": np.zeros((8,), np.float32)}
+  with pytest.raises(ValueError, match=r"(?s)timm swin.*attn\.lepe\.weight.*missing"):
+    convert.from_timm(state, "swin_tiny_patch4_window7_224", num_classes=0)
 
 
 def test_window_attn_is_a_mixer_for_other_backbones():

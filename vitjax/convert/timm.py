@@ -8,10 +8,10 @@
 Every supported timm architecture is one `Family` entry in `FAMILIES`: the timm model names it
 covers and the vitjax model each becomes, a table of renaming `Rule`s (see `mapping.py`), and two
 functions that read the create_model overrides (classes, depth) and an input size that fits off
-the state dict. The families are ViT (`vit_*_patch*_224`) and ConvNeXt (`convnext_atto` ...
-`convnext_large`); adding one (CrossViT, ... once vitjax has it) is adding one entry, nothing else
-changes. Conversion is strict: keys that fit no rule, missing parameters and shape mismatches are
-reported together in one ValueError.
+the state dict. The families are ViT (`vit_*_patch*_224`), ConvNeXt (`convnext_atto` ...
+`convnext_large`) and Swin (`swin_{tiny,small,base}_patch4_window7_224`); adding one (CrossViT,
+... once vitjax has it) is adding one entry, nothing else changes. Conversion is strict: keys that
+fit no rule, missing parameters and shape mismatches are reported together in one ValueError.
 
 Layout differences the rules undo:
   * torch Linear stores (out, in); Flax Dense stores (in, out). The attention projections are
@@ -23,6 +23,10 @@ Layout differences the rules undo:
   * timm's small ConvNeXts (atto ... nano, `conv_mlp=True`) hold their MLP as 1x1 convolutions,
     (out, in, 1, 1); on an NHWC map that is a Linear layer, so they load into the same Dense
     kernels as the Linear form of convnext_tiny and up.
+  * Swin: timm >= 0.9 downsamples at the start of stages 2-4 (`layers.{i}.downsample`), which is
+    vitjax's StageSpec layout; older checkpoints (Microsoft's, downsampling at the end of a stage)
+    go through timm's `checkpoint_filter_fn` first. The relative position tables load as they are;
+    the window and the heads per stage are read off them, the index buffers are skipped.
 """
 from __future__ import annotations
 
@@ -180,6 +184,81 @@ CONVNEXT_RULES = (
     rule(r"head\.fc\.bias", "head/bias"),
 )
 
+_SW_BLOCK = r"layers\.(\d+)\.blocks\.(\d+)\."
+_SW = "stages_{0}/blocks_{1}/"
+_SW_ATTN = _SW + "attn/"
+_SW_DOWN = r"layers\.(\d+)\.downsample\."
+
+
+def _swin_overrides(state: Mapping[str, Any]) -> Overrides:
+  """embed_dim, depths, heads per stage, window, patch size, MLP ratio and classes, read off
+  the weights (heads from the relative position tables, one column per head)."""
+  depths: dict[int, int] = {}
+  for k in state:
+    if m := re.match(_SW_BLOCK, k):
+      i, j = int(m.group(1)), int(m.group(2))
+      depths[i] = max(depths.get(i, 0), j + 1)
+  found: Overrides = {}
+  if "patch_embed.proj.weight" in state:
+    embed_dim, _, patch, _ = _shape(state, "patch_embed.proj.weight", "Swin")
+    found.update(embed_dim=embed_dim, patch_size=patch)
+  if depths:
+    n = max(depths) + 1
+    found["depths"] = tuple(depths.get(i, 0) for i in range(n))
+    tables = [f"layers.{i}.blocks.0.attn.relative_position_bias_table" for i in range(n)]
+    if all(t in state for t in tables):
+      found["num_heads"] = tuple(_shape(state, t, "Swin")[1] for t in tables)
+      found["window"] = (math.isqrt(_shape(state, tables[0], "Swin")[0]) + 1) // 2
+    if "layers.0.blocks.0.mlp.fc1.weight" in state and "embed_dim" in found:
+      found["mlp_ratio"] = _shape(state, "layers.0.blocks.0.mlp.fc1.weight", "Swin")[0] / (
+          found["embed_dim"])
+  if "head.fc.weight" in state:
+    found["num_classes"] = tuple(state["head.fc.weight"].shape)[0]
+  elif "norm.weight" in state:
+    found["num_classes"] = 0
+  return found
+
+
+def _swin_example_input(state: Mapping[str, Any], model) -> ImageShape:
+  """(1, s, s, C): the size whose last stage is as large as its (clipped) window, 224 for the
+  standard models; the relative position tables' sizes depend on it."""
+  channels = _shape(state, "patch_embed.proj.weight", "Swin")[1]
+  last = len(model.depths) - 1
+  rows = _shape(state, f"layers.{last}.blocks.0.attn.relative_position_bias_table", "Swin")[0]
+  grid = (math.isqrt(rows) + 1) // 2
+  size = model.patch_size * grid * 2 ** last
+  return (1, size, size, channels)
+
+
+SWIN_RULES = (
+    rule(r"patch_embed\.proj\.weight", "stem_conv/kernel", transform=conv),
+    rule(r"patch_embed\.proj\.bias", "stem_conv/bias"),
+    rule(r"patch_embed\.norm\.weight", "stem_norm/scale"),
+    rule(r"patch_embed\.norm\.bias", "stem_norm/bias"),
+    rule(_SW_DOWN + r"norm\.weight", "stages_{0}/downsample/norm/scale"),
+    rule(_SW_DOWN + r"norm\.bias", "stages_{0}/downsample/norm/bias"),
+    rule(_SW_DOWN + r"reduction\.weight", "stages_{0}/downsample/reduction/kernel",
+         transform=linear),
+    rule(_SW_BLOCK + r"(norm[12])\.weight", _SW + "{2}/scale"),
+    rule(_SW_BLOCK + r"(norm[12])\.bias", _SW + "{2}/bias"),
+    rule(_SW_BLOCK + r"attn\.qkv\.weight", _SW_ATTN + "query/kernel", _SW_ATTN + "key/kernel",
+         _SW_ATTN + "value/kernel", transform=split(3, linear)),
+    rule(_SW_BLOCK + r"attn\.qkv\.bias", _SW_ATTN + "query/bias", _SW_ATTN + "key/bias",
+         _SW_ATTN + "value/bias", transform=split(3, mapping.copy)),
+    rule(_SW_BLOCK + r"attn\.proj\.weight", _SW_ATTN + "out/kernel", transform=linear),
+    rule(_SW_BLOCK + r"attn\.proj\.bias", _SW_ATTN + "out/bias"),
+    rule(_SW_BLOCK + r"attn\.relative_position_bias_table",
+         _SW_ATTN + "relative_position_bias_table"),
+    rule(_SW_BLOCK + r"mlp\.fc1\.weight", _SW + "mlp/Dense_0/kernel", transform=linear),
+    rule(_SW_BLOCK + r"mlp\.fc1\.bias", _SW + "mlp/Dense_0/bias"),
+    rule(_SW_BLOCK + r"mlp\.fc2\.weight", _SW + "mlp/Dense_1/kernel", transform=linear),
+    rule(_SW_BLOCK + r"mlp\.fc2\.bias", _SW + "mlp/Dense_1/bias"),
+    rule(r"norm\.weight", "norm/scale"),
+    rule(r"norm\.bias", "norm/bias"),
+    rule(r"head\.fc\.weight", "head/kernel", transform=linear),
+    rule(r"head\.fc\.bias", "head/bias"),
+)
+
 # The table of supported families. CrossViT gets an entry here when vitjax has it.
 FAMILIES: dict[str, Family] = {
     "vit": Family(
@@ -202,6 +281,15 @@ FAMILIES: dict[str, Family] = {
         rules=CONVNEXT_RULES,
         overrides=_convnext_overrides,
         example_input=_convnext_example_input),
+    "swin": Family(
+        name="swin",
+        models={name: name for name in (
+            "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
+            "swin_base_patch4_window7_224")},
+        rules=SWIN_RULES,
+        overrides=_swin_overrides,
+        example_input=_swin_example_input,
+        ignore=(r".*relative_position_index", r".*attn_mask")),   # derived buffers
 }
 
 
