@@ -4,6 +4,7 @@ another backbone, the padding path, and clear errors."""
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 
 import vitjax
 from vitjax import convert
-from vitjax.models import swin
+from vitjax.models import backbone, swin
 from vitjax.models.backbone import Tokens
 
 from tests import mixer_checks, torch_compat
@@ -120,18 +121,30 @@ def test_window_attn_is_a_mixer_for_other_backbones():
   assert table.shape[0] == 9 and float(jnp.abs(table).sum()) > 0      # (2*2 - 1)^2 offsets
 
 
-def test_blocks_alternate_the_shift_by_their_position():
-  """A block's position in the stage is the trailing number of its name: odd blocks shift their
-  windows by window // 2 (timm), even ones do not; an explicit shift wins."""
-  tokens = Tokens.from_map(jax.random.normal(jax.random.key(0), (1, 4, 4, 8)))
-  block = functools.partial(swin.SwinBlock, mlp_dim=16, num_heads=2, window=2)
-  variables = random_variables(block(name="blocks_0"), tokens)
-  run = lambda **kw: jax.jit(block(**kw).apply)(variables, tokens).x  # noqa: E731
-  np.testing.assert_array_equal(run(name="blocks_0"), run(name="blocks_4", shift=0))
-  np.testing.assert_array_equal(run(name="blocks_3"), run(name="blocks_0", shift=1))
-  assert not np.allclose(run(name="blocks_0"), run(name="blocks_1"))
-  with pytest.raises(ValueError, match=r"named 'first'; give an explicit shift"):
-    run(name="first")
+def test_blocks_alternate_the_shift_within_each_stage():
+  """Even blocks of a stage use plain windows, odd ones windows shifted by window // 2 (timm),
+  through the stage's block_cycle: a stage equals its blocks applied one by one with those
+  shifts, and the shift changes the function."""
+  model = vitjax.create_model("swin_tiny_patch4_window7_224", num_classes=3, embed_dim=8,
+                              depths=(2,), num_heads=2, window=2)
+  spec, = model.stage_specs()
+  assert spec.block_cycle == (dict(shift=0), dict(shift=1))
+  x = jax.random.normal(jax.random.key(0), (1, 4, 4, 8))
+  tokens = Tokens.from_map(x)
+
+  class OneStage(nn.Module):
+    @nn.compact
+    def __call__(self, tokens):
+      return backbone.run_stages(self, tokens, (spec,))[0]
+
+  variables = random_variables(OneStage(), tokens)
+  stage = variables["params"]["stages_0"]
+  y = OneStage().apply(variables, tokens).x
+  block = functools.partial(swin.SwinBlock, mlp_dim=32, num_heads=2, window=2)
+  step = lambda shift, j, t: block(shift=shift).apply(  # noqa: E731
+      {"params": stage[f"blocks_{j}"]}, t)
+  np.testing.assert_allclose(y, step(1, 1, step(0, 0, tokens)).x, atol=1e-6)
+  assert not np.allclose(y, step(0, 1, step(0, 0, tokens)).x, atol=1e-4)
 
 
 def test_maps_the_windows_do_not_tile_are_padded():

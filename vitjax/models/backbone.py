@@ -114,6 +114,8 @@ class StageSpec:
   downsample_kwargs: extra fields of the downsampling layer (built as `cls(width, **kwargs)`).
   cls_token: prepend a learned class token after the downsampling (CvT's last stage); it
     becomes a prefix token of the carry (`Tokens.num_prefix`).
+  block_cycle: per-block fields taken in turn: block j of the stage also gets
+    block_cycle[j % len(block_cycle)] (Swin: `(dict(shift=0), dict(shift=window // 2))`).
   """
   depth: int
   width: int
@@ -123,6 +125,7 @@ class StageSpec:
   downsample: Any = None
   downsample_kwargs: Mapping[str, Any] | None = None
   cls_token: bool = False
+  block_cycle: tuple[Mapping[str, Any], ...] | None = None
 
   def downsample_stride(self) -> int:
     if self.downsample is None:
@@ -156,13 +159,17 @@ def drop_path_rates(depths: Sequence[int], rate: float) -> list[list[float]]:
   return out
 
 
-def _block_kwargs(spec: StageSpec, cls) -> dict[str, Any]:
+def _block_kwargs(spec: StageSpec, cls) -> list[dict[str, Any]]:
+  """The fields of each block of the stage (shared ones it declares, its kwargs, its cycle entry)."""
   fields = layers.module_fields(cls)
   kwargs = {k: v for k, v in (spec.shared or {}).items() if k in fields}
   kwargs.update(spec.block_kwargs or {})
-  layers.check_overrides(cls, {**kwargs, "drop_path": 0.0},
-                         what=f"block {display_name(spec.block)!r}")
-  return kwargs
+  cycle = tuple(spec.block_cycle or ({},))
+  out = [{**kwargs, **cycle[j % len(cycle)]} for j in range(spec.depth)]
+  for entry in out[:len(cycle)]:
+    layers.check_overrides(cls, {**entry, "drop_path": 0.0},
+                           what=f"block {display_name(spec.block)!r}")
+  return out
 
 
 class _Stage(nn.Module):
@@ -201,8 +208,8 @@ class _Stage(nn.Module):
     out = {}
     for j in range(spec.depth):
       k = self.first_block + j
-      tokens = cls(**kwargs, drop_path=self.rates[j], name=names.block.format(i=i, j=j, k=k))(
-          tokens, train=train)
+      tokens = cls(**kwargs[j], drop_path=self.rates[j],
+                   name=names.block.format(i=i, j=j, k=k))(tokens, train=train)
       if k in self.collect:
         out[k] = tokens
     return tokens, out

@@ -18,7 +18,7 @@ and right, the padded positions masked (`vitjax.ops.windows.window_attention`).
 
 The mixer 'window_attn' (fields `window`, `shift`) works in any block that passes the grid, e.g.
 `create_model('vit_nano4', mixer='window_attn', mixer_kwargs=dict(window=4), pool='gap')`; the
-block 'swin' alternates the shift by its position in the stage (see `SwinBlock`).
+block 'swin' takes its `shift`; `Swin` alternates it over each stage's blocks (`StageSpec.block_cycle`).
 
 Parameter counts at 224 px, 1000 classes, equal to timm's (tests/test_swin.py pins them):
 swin_tiny_patch4_window7_224 28,288,354 (paper 29M), swin_small_patch4_window7_224 49,606,258
@@ -29,7 +29,6 @@ XLA's cost analysis (flops / 2; the paper states 4.5G FLOPs, meaning multiply-ac
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
@@ -115,29 +114,18 @@ def pre_norm_block(tokens: Tokens, mixer: nn.Module, *, mlp_dim: int, dropout: f
   return tokens.replace(x=x)
 
 
-def block_position(name: str | None) -> int:
-  """A block's index in its stage: the trailing number of the name `run_stages` gives it
-  ('blocks_{j}', or 'encoderblock_{k}' in an isotropic Encoder)."""
-  m = re.search(r"(\d+)$", name or "")
-  if m is None:
-    raise ValueError(f"block 'swin' with shift=None alternates the shift by its position, read "
-                     f"from the trailing number of its name, but it is named {name!r}; give an "
-                     "explicit shift")
-  return int(m.group(1))
-
-
 @register_block("swin")
 class SwinBlock(nn.Module):
   """Swin's block: pre-norm window attention ('window_attn') and MLP with residuals.
 
-  Parameters: `norm1`, `attn`, `norm2`, `mlp`. With shift=None (default) the block shifts its
-  windows by window // 2 when its position in the stage is odd (timm: `shift_size=0 if i % 2 ==
-  0 else window // 2`); the position is read off the block's name (`block_position`).
+  Parameters: `norm1`, `attn`, `norm2`, `mlp`. `Swin` alternates shift 0 and window // 2 over
+  the blocks of a stage (timm: `shift_size=0 if i % 2 == 0 else window // 2`) with the stage's
+  `block_cycle`.
   """
   mlp_dim: int
   num_heads: int
   window: int = 7
-  shift: int | None = None
+  shift: int = 0
   qkv_bias: bool = True
   dropout: float = 0.0
   drop_path: float = 0.0
@@ -145,11 +133,8 @@ class SwinBlock(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: Tokens, *, train: bool = False) -> Tokens:
-    shift = self.shift
-    if shift is None:
-      shift = self.window // 2 if block_position(self.name) % 2 else 0
     mixer = build_mixer(WindowAttention, dict(num_heads=self.num_heads, dropout=self.dropout),
-                        dict(window=self.window, shift=shift, qkv_bias=self.qkv_bias))
+                        dict(window=self.window, shift=self.shift, qkv_bias=self.qkv_bias))
     return pre_norm_block(tokens, mixer, mlp_dim=self.mlp_dim, dropout=self.dropout,
                           drop_path=self.drop_path, eps=self.eps, train=train)
 
@@ -203,6 +188,7 @@ class Swin(MultiStageModel):
                   block_kwargs=dict(mlp_dim=int(width * self.mlp_ratio), num_heads=heads,
                                     window=self.window, qkv_bias=self.qkv_bias,
                                     dropout=self.dropout),
+                  block_cycle=(dict(shift=0), dict(shift=self.window // 2)),
                   downsample=None if i == 0 else "patch_merge")
         for i, (depth, width, heads) in enumerate(zip(self.depths, self.widths(), self.heads())))
 
