@@ -61,8 +61,8 @@ class TimmSide:
     family, self.timm_name, _ = timm_convert.resolve(name)
     self.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
-    # ViTs are built for the input size (position table); convolutional families take any size.
-    kwargs = {"img_size": size} if family.name == "vit" else {}
+    # ViT and Swin are built for the input size (position table, window masks); ConvNeXt takes any.
+    kwargs = {"img_size": size} if family.name in ("vit", "swin") else {}
     self.model = timm.create_model(self.timm_name, **kwargs).to(self.device)
     x, y = _batch(batch, size, seed)
     self.x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(self.device)
