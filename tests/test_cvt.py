@@ -308,13 +308,13 @@ def test_transformers_full_cvt13_parity_and_param_count():
 # --------------------------------------------------------------------------- strictness (no torch)
 
 
-def _fake_hf_state(seed=0):
+def _fake_hf_state(seed=0, tiny=TINY):
   """A CvtForImageClassification state dict of random numpy arrays (tiny config, 5 classes)."""
-  model = vitjax.create_model("cvt_13", **{**TINY, "act": "gelu"})
+  model = vitjax.create_model("cvt_13", **{**tiny, "act": "gelu"})
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   rng = np.random.default_rng(seed)
   state = {}
-  dims, stage = TINY["dims"], "cvt.encoder.stages.{}."
+  dims, stage = tiny["dims"], "cvt.encoder.stages.{}."
   for i, d in enumerate(dims):
     s = stage.format(i)
     e = s + "embedding.convolution_embeddings."
@@ -389,3 +389,22 @@ def test_from_transformers_refuses_another_family():
   with pytest.raises(ValueError, match=r"name='vit_b16'.*cvt_13"):
     convert.from_transformers(timm_vit, "vit_b16")
 
+
+
+def test_cli_converts_a_transformers_checkpoint_with_its_batch_statistics(tmp_path, capsys):
+  """python -m vitjax.convert --from=transformers writes params AND BatchNorm statistics."""
+  from vitjax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vitjax.convert import __main__ as convert_cli  # pylint: disable=g-import-not-at-top
+  # Widths the default CvT-13 heads (1, 3, 6) divide: the CLI takes the sizes the weights show.
+  state = _fake_hf_state(tiny=dict(TINY, dims=(6, 12, 24), num_heads=(1, 3, 6)))
+  path = str(tmp_path / "cvt.npz")
+  np.savez(path, **{k: np.asarray(v) for k, v in state.items()})
+  out = str(tmp_path / "out")
+  rc = convert_cli.main(["--from=transformers", "--model=cvt_13", f"--checkpoint={path}",
+                         f"--out={out}"])
+  assert rc == 0, capsys.readouterr().err
+  variables, meta = checkpoint.load_variables(out)
+  assert meta["model_name"] == "cvt_13" and meta["source"] == "transformers"
+  _, expected, _ = convert.from_transformers(state, "cvt_13")
+  assert set(variables) == {"params", "batch_stats"}
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, variables), expected)

@@ -5,8 +5,10 @@
     python -m vitjax.main --config=configs/vit.py:imagenet --config.init_from=vit_b16_timm
 
 --from=timm reads .pth/.pt/.bin (torch.load, weights_only) or .safetensors; --from=big_vision
-reads .npz; --from=official reads the authors' own checkpoints (.pth/.pt/.bin/.safetensors, or an
-.npz of arrays), converted by `vitjax.convert.from_official`:
+reads .npz; --from=transformers reads a Hugging Face model's state dict (.bin/.safetensors/.pth, or
+an .npz of arrays; `--model` is the vitjax name, e.g. cvt_13), converted by
+`vitjax.convert.from_transformers`; --from=official reads the authors' own checkpoints
+(.pth/.pt/.bin/.safetensors, or an .npz of arrays), converted by `vitjax.convert.from_official`:
 
     python -m vitjax.convert --from=official --model=hornet_t --checkpoint=hornet_tiny_7x7.pth \
         --out=hornet_t_official
@@ -22,7 +24,7 @@ import numpy as np
 
 from vitjax import choices
 
-SOURCES = ("timm", "big_vision", "official")
+SOURCES = ("timm", "big_vision", "transformers", "official")
 
 
 def parse_args(argv):
@@ -32,6 +34,7 @@ def parse_args(argv):
                       help="which library wrote the checkpoint")
   parser.add_argument("--model", required=True,
                       help="timm model name (e.g. vit_base_patch16_224) or vitjax name (vit_b16); "
+                      "for --from=transformers a vitjax name (cvt_13) or a hub name (microsoft/cvt-13); "
                       "for --from=official a vitjax name (hornet_t) or the official constructor")
   parser.add_argument("--checkpoint", required=True, help="the local checkpoint file")
   parser.add_argument("--out", required=True, help="directory to write the vitjax checkpoint to")
@@ -49,6 +52,8 @@ def convert_file(source: str, model: str, checkpoint: str):
     return convert.from_big_vision_npz(checkpoint, model)
   if source == "official":
     return convert.from_official(convert.load_state_dict(checkpoint), model)
+  if source == "transformers":
+    return convert.from_transformers(convert.load_state_dict(checkpoint), model)
   if checkpoint.lower().endswith(".npz"):
     raise ValueError("--from=timm reads .pth/.pt/.bin/.safetensors files; for an .npz checkpoint "
                      "use --from=big_vision")
