@@ -16,7 +16,7 @@ in one ValueError and nothing is loaded. The supported timm families are the `FA
 `vitjax/convert/timm.py`; adding a family is adding an entry there. The transformers families are
 the `FAMILIES` table in `vitjax/convert/transformers.py` (`convert.transformers.FAMILIES`). The
 official-code families (the authors' own key names) are the `FAMILIES` table in
-`vitjax/convert/official.py`.
+`vitjax/convert/official/` (one module per repository).
 """
 from vitjax.convert.big_vision import from_big_vision_npz, from_big_vision_state  # noqa: F401
 from vitjax.convert.files import load_state_dict  # noqa: F401
