@@ -60,6 +60,23 @@ def model_overrides(**fields) -> mlc.ConfigDict:
   return m
 
 
+# The isotropic ViT's size fields; a family with its own (per-stage) fields drops them.
+ISOTROPIC_SIZES = ("patch_size", "width", "depth", "mlp_dim", "num_heads")
+
+
+def family_model_overrides(types: dict[str, type], *, drop=ISOTROPIC_SIZES,
+                           **fields) -> mlc.ConfigDict:
+  """`model_overrides` for a family with fields of its own: the keys in `drop` (fields the family
+  does not have) are removed, each of `types` becomes a typed placeholder, so that e.g.
+  `--config.model.depths="(1, 2, 3)"` works on the locked config, then `fields` are set."""
+  m = model_overrides()
+  for key in drop:
+    del m[key]
+  m.update({key: mlc.config_dict.placeholder(kind) for key, kind in types.items()})
+  m.update(fields)
+  return m
+
+
 def base_config() -> mlc.ConfigDict:
   """Every field the runner reads, with defaults. Family configs override what they need."""
   c = mlc.ConfigDict()
@@ -101,6 +118,34 @@ def fashion_mnist_recipe(c: mlc.ConfigDict):
   c.data.augment = "none"             # too few epochs for augmentation to pay off
   c.eval_every_steps = 500
   c.checkpoint_every_steps = 500
+
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def imagenet_recipe(c: mlc.ConfigDict, *, lr: float, batch_size: int = 1024, epochs: int = 300,
+                    warmup_epochs: int = 5, min_lr: float | None = None,
+                    weight_decay: float = 0.05, grad_clip_norm: float | None = None,
+                    label_smoothing: float = 0.1, eval_every_steps: int | None = None):
+  """The ImageNet-1k training schedule the papers' recipes share, in steps of `batch_size`:
+  `epochs` of TFDS imagenet2012 at 224 px (`imagenet_data`), AdamW at peak `lr` after
+  `warmup_epochs`, cosine down to `min_lr` (None keeps the base ratio), evals every 5 epochs
+  unless `eval_every_steps` says otherwise. `grad_clip_norm=0` turns clipping off."""
+  steps_per_epoch = IMAGENET_TRAIN_IMAGES // batch_size   # full batches
+  c.data = imagenet_data()
+  c.total_steps = epochs * steps_per_epoch
+  c.batch_size = batch_size
+  c.eval_batch_size = 1000
+  c.lr = lr
+  if min_lr is not None:
+    c.min_lr_ratio = min_lr / lr
+  c.warmup_steps = warmup_epochs * steps_per_epoch
+  c.weight_decay = weight_decay
+  if grad_clip_norm is not None:
+    c.grad_clip_norm = grad_clip_norm
+  c.label_smoothing = label_smoothing
+  c.eval_every_steps = eval_every_steps or 5 * steps_per_epoch
+  c.checkpoint_every_steps = 2000
 
 
 def imagenet_data() -> mlc.ConfigDict:

@@ -50,19 +50,9 @@ def get_config(arg=None):
   common.fashion_mnist_recipe(c)
   c.data.image_size = 32
   if arg.imagenet:
-    steps_per_epoch = 1251          # 1,281,167 images / batch 1024
     c.model_name = "convnext_tiny"
     c.model = convnext_overrides(drop_path=0.1)
-    c.data = common.imagenet_data()
-    c.total_steps = 300 * steps_per_epoch
-    c.batch_size = 1024
-    c.eval_batch_size = 1000
-    c.lr = 4e-3 * c.batch_size / 4096
-    c.warmup_steps = 20 * steps_per_epoch
-    c.weight_decay = 0.05
-    c.label_smoothing = 0.1
-    c.eval_every_steps = 5 * steps_per_epoch
-    c.checkpoint_every_steps = 2000
+    common.imagenet_recipe(c, lr=4e-3 * 1024 / 4096, warmup_epochs=20)
   if arg.runlocal:
     common.runlocal(c)
   return c

@@ -30,21 +30,15 @@ import ml_collections as mlc
 
 from vitjax.configs import common
 
-placeholder = mlc.config_dict.placeholder
-
 
 def model_overrides(**fields) -> mlc.ConfigDict:
-  """common.model_overrides with CSWin's fields in place of the isotropic ViT's size fields
-  (width, depth, mlp_dim and the integer num_heads): depths, num_heads and split_size are tuples
-  (one entry per stage), so `--config.model.depths=(2,2)` works on the locked config."""
-  m = common.model_overrides()
-  for key in ("width", "depth", "mlp_dim", "num_heads", "attn_impl"):
-    del m[key]
-  m.update(dict(embed_dim=placeholder(int), depths=placeholder(tuple),
-                num_heads=placeholder(tuple), split_size=placeholder(tuple),
-                mlp_ratio=placeholder(float), dwconv_impl=placeholder(str)))
-  m.update(fields)
-  return m
+  """`config.model` for CSWin: depths, num_heads and split_size are tuples (one entry per stage),
+  so `--config.model.depths=(2,2)` works on the locked config; of the isotropic ViT's size fields
+  only patch_size (the stem stride) is a CSWin field."""
+  return common.family_model_overrides(
+      dict(embed_dim=int, depths=tuple, num_heads=tuple, split_size=tuple, mlp_ratio=float,
+           dwconv_impl=str),
+      drop=("width", "depth", "mlp_dim", "num_heads", "attn_impl"), **fields)
 
 
 def get_config(arg=None):
@@ -55,20 +49,9 @@ def get_config(arg=None):
                             split_size=(2, 7))
   common.fashion_mnist_recipe(c)
   if arg.imagenet:
-    steps_per_epoch = 626           # 1,281,167 images / batch 2048
     c.model = model_overrides(drop_path=0.2)
-    c.data = common.imagenet_data()
-    c.total_steps = 300 * steps_per_epoch
-    c.batch_size = 2048
-    c.eval_batch_size = 1000
-    c.lr = 2e-3 * c.batch_size / 2048
-    c.min_lr_ratio = 1e-5 / c.lr
-    c.warmup_steps = 20 * steps_per_epoch
-    c.weight_decay = 0.05
-    c.grad_clip_norm = 0.0
-    c.label_smoothing = 0.1
-    c.eval_every_steps = 5 * steps_per_epoch
-    c.checkpoint_every_steps = 2000
+    common.imagenet_recipe(c, lr=2e-3, batch_size=2048, warmup_epochs=20, min_lr=1e-5,
+                           grad_clip_norm=0.0)
   if arg.runlocal:
     common.runlocal(c)
   return c

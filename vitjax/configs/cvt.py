@@ -25,22 +25,14 @@ import ml_collections as mlc
 
 from vitjax.configs import common
 
-_tuple = lambda: mlc.config_dict.placeholder(tuple)  # noqa: E731
-
 
 def model_overrides(**fields) -> mlc.ConfigDict:
-  """common.model_overrides with CvT's fields: the per-stage ones are tuples (one per stage), so
-  `--config.model.depths=(1,2,3)` works on the locked config; the isotropic ViT's size fields
-  (patch_size, width, depth, mlp_dim and the integer num_heads) are not CvT fields."""
-  m = common.model_overrides()
-  for key in ("patch_size", "width", "depth", "mlp_dim", "num_heads"):
-    del m[key]
-  m.update(dict(depths=_tuple(), dims=_tuple(), num_heads=_tuple(), patch_sizes=_tuple(),
-                patch_strides=_tuple(), patch_paddings=_tuple(),
-                mlp_ratio=mlc.config_dict.placeholder(float),
-                act=mlc.config_dict.placeholder(str)))
-  m.update(fields)
-  return m
+  """`config.model` for CvT: its per-stage fields are tuples (one entry per stage), so
+  `--config.model.depths=(1,2,3)` works on the locked config; the isotropic ViT's size fields are
+  not CvT fields."""
+  return common.family_model_overrides(
+      dict(depths=tuple, dims=tuple, num_heads=tuple, patch_sizes=tuple, patch_strides=tuple,
+           patch_paddings=tuple, mlp_ratio=float, act=str), **fields)
 
 
 def get_config(arg=None):
@@ -53,19 +45,8 @@ def get_config(arg=None):
   common.fashion_mnist_recipe(c)
   c.data.image_size = 32
   if arg.imagenet:
-    steps_per_epoch = 626   # 1,281,167 images / batch 2048
     c.model = model_overrides(drop_path=0.1)
-    c.data = common.imagenet_data()
-    c.total_steps = 300 * steps_per_epoch
-    c.batch_size = 2048
-    c.eval_batch_size = 1000
-    c.lr = 2.5e-4 * c.batch_size / 256
-    c.min_lr_ratio = 1e-5 / c.lr
-    c.warmup_steps = 5 * steps_per_epoch
-    c.weight_decay = 0.05
-    c.label_smoothing = 0.1
-    c.eval_every_steps = 5 * steps_per_epoch
-    c.checkpoint_every_steps = 2000
+    common.imagenet_recipe(c, lr=2.5e-4 * 2048 / 256, batch_size=2048, min_lr=1e-5)
   if arg.runlocal:
     common.runlocal(c)
   return c

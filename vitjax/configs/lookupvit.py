@@ -37,21 +37,11 @@ def get_config(arg=None):
   c.checkpoint_every_steps = 1250
   if arg.imagenet:
     c.grid_weights = ()
-    steps_per_epoch = 1251  # 1,281,167 images / batch 1024
     c.model_name = "lookupvit_b16"
     c.model = common.model_overrides(lookup_mlp_ratio=0.5, head_source="compressed", drop_path=0.1)
     c.grids = ((3, 3), (5, 5), (7, 7), (10, 10))
     c.eval_grids = ((3, 3), (5, 5), (7, 7), (10, 10))
-    c.data = common.imagenet_data()
-    c.total_steps = 300 * steps_per_epoch
-    c.batch_size = 1024
-    c.eval_batch_size = 1000
-    c.lr = 5e-4 * c.batch_size / 512
-    c.warmup_steps = 5 * steps_per_epoch
-    c.weight_decay = 0.05
-    c.label_smoothing = 0.1
-    c.eval_every_steps = 5 * steps_per_epoch
-    c.checkpoint_every_steps = 2000
+    common.imagenet_recipe(c, lr=5e-4 * 1024 / 512)
   if arg.runlocal:
     common.runlocal(c)
   return c

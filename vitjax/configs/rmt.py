@@ -38,24 +38,14 @@ import ml_collections as mlc
 
 from vitjax.configs import common
 
-placeholder = mlc.config_dict.placeholder
-
 
 def rmt_overrides(**fields) -> mlc.ConfigDict:
-  """common.model_overrides with RMT's fields; the per-stage ones are tuples (one per stage). The
-  isotropic ViT's size fields (patch_size, width, depth, mlp_dim, the integer num_heads) are not
-  RMT fields."""
-  m = common.model_overrides()
-  for key in ("patch_size", "width", "depth", "mlp_dim", "num_heads"):
-    del m[key]
-  m.update(dict(
-      depths=placeholder(tuple), dims=placeholder(tuple), num_heads=placeholder(tuple),
-      init_values=placeholder(tuple), heads_ranges=placeholder(tuple),
-      mlp_ratios=placeholder(tuple), decomposed=placeholder(tuple),
-      layer_scales=placeholder(tuple), layer_scale_init=placeholder(float),
-      projection=placeholder(int), token_label=placeholder(bool)))
-  m.update(fields)
-  return m
+  """`config.model` for RMT: its per-stage fields are tuples (one entry per stage); the isotropic
+  ViT's size fields are not RMT fields."""
+  return common.family_model_overrides(
+      dict(depths=tuple, dims=tuple, num_heads=tuple, init_values=tuple, heads_ranges=tuple,
+           mlp_ratios=tuple, decomposed=tuple, layer_scales=tuple, layer_scale_init=float,
+           projection=int, token_label=bool), **fields)
 
 
 def get_config(arg=None):
@@ -66,20 +56,8 @@ def get_config(arg=None):
   common.fashion_mnist_recipe(c)
   c.data.image_size = 32
   if arg.imagenet:
-    steps_per_epoch = 1251          # 1,281,167 images / batch 1024
     c.model = rmt_overrides(drop_path=0.1)
-    c.data = common.imagenet_data()
-    c.total_steps = 300 * steps_per_epoch
-    c.batch_size = 1024
-    c.eval_batch_size = 1000
-    c.lr = 5e-4 * c.batch_size / 512
-    c.min_lr_ratio = 1e-5 / c.lr
-    c.warmup_steps = 5 * steps_per_epoch
-    c.weight_decay = 0.05
-    c.grad_clip_norm = 0.0
-    c.label_smoothing = 0.1
-    c.eval_every_steps = 5 * steps_per_epoch
-    c.checkpoint_every_steps = 2000
+    common.imagenet_recipe(c, lr=5e-4 * 1024 / 512, min_lr=1e-5, grad_clip_norm=0.0)
   if arg.runlocal:
     common.runlocal(c)
   return c

@@ -29,21 +29,14 @@ import ml_collections as mlc
 
 from vitjax.configs import common
 
-placeholder = mlc.config_dict.placeholder
-
 
 def model_overrides(**fields) -> mlc.ConfigDict:
-  """common.model_overrides with Swin's fields in place of the isotropic ViT's size fields
-  (width, depth, mlp_dim and the integer num_heads): depths and num_heads are tuples (one entry
-  per stage), so `--config.model.depths=(2,2)` works on the locked config."""
-  m = common.model_overrides()
-  for key in ("width", "depth", "mlp_dim", "num_heads", "attn_impl"):
-    del m[key]
-  m.update(dict(embed_dim=placeholder(int), depths=placeholder(tuple),
-                num_heads=placeholder(tuple), window=placeholder(int),
-                mlp_ratio=placeholder(float)))
-  m.update(fields)
-  return m
+  """`config.model` for Swin: depths and num_heads are tuples (one entry per stage), so
+  `--config.model.depths=(2,2)` works on the locked config; of the isotropic ViT's size fields
+  only patch_size is a Swin field."""
+  return common.family_model_overrides(
+      dict(embed_dim=int, depths=tuple, num_heads=tuple, window=int, mlp_ratio=float),
+      drop=("width", "depth", "mlp_dim", "num_heads", "attn_impl"), **fields)
 
 
 def get_config(arg=None):
@@ -54,20 +47,9 @@ def get_config(arg=None):
                             window=7)
   common.fashion_mnist_recipe(c)
   if arg.imagenet:
-    steps_per_epoch = 1251          # 1,281,167 images / batch 1024
     c.model = model_overrides(drop_path=0.2)
-    c.data = common.imagenet_data()
-    c.total_steps = 300 * steps_per_epoch
-    c.batch_size = 1024
-    c.eval_batch_size = 1000
-    c.lr = 5e-4 * c.batch_size / 512
-    c.min_lr_ratio = (5e-6 * c.batch_size / 512) / c.lr
-    c.warmup_steps = 20 * steps_per_epoch
-    c.weight_decay = 0.05
-    c.grad_clip_norm = 5.0
-    c.label_smoothing = 0.1
-    c.eval_every_steps = 5 * steps_per_epoch
-    c.checkpoint_every_steps = 2000
+    common.imagenet_recipe(c, lr=5e-4 * 1024 / 512, warmup_epochs=20,
+                           min_lr=5e-6 * 1024 / 512, grad_clip_norm=5.0)
   if arg.runlocal:
     common.runlocal(c)
   return c

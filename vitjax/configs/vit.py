@@ -24,16 +24,7 @@ def get_config(arg=None, *, mixer="mhsa", mixer_kwargs=None):
     pool = "tok" if arg.mixer == "mhsa" else "gap"
     c.model = common.model_overrides(mixer=arg.mixer, pool=pool, drop_path=0.1,
                                      mixer_kwargs=dict(mixer_kwargs or {}))
-    c.data = common.imagenet_data()
-    c.total_steps = 300 * 1251
-    c.batch_size = 1024
-    c.eval_batch_size = 1000
-    c.lr = 1e-3
-    c.warmup_steps = 5 * 1251
-    c.weight_decay = 0.05
-    c.label_smoothing = 0.1
-    c.eval_every_steps = 5000
-    c.checkpoint_every_steps = 2000
+    common.imagenet_recipe(c, lr=1e-3, eval_every_steps=5000)
   if arg.runlocal:
     common.runlocal(c)
   return c
