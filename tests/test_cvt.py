@@ -214,7 +214,7 @@ def test_features_feature_info_and_headless_model():
 
 @pytest.mark.parametrize("overrides,match", [
     (dict(act="relu"), r"act='relu'.*quick_gelu, gelu"),
-    (dict(num_heads=(1, 2)), r"num_heads needs one entry per stage \(3"),
+    (dict(num_heads=(1, 2)), r"num_heads=\(1, 2\) needs one entry per stage \(3"),
     (dict(widht=3), r"widht"),
 ])
 def test_bad_fields_are_named(overrides, match):

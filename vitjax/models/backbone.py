@@ -237,6 +237,27 @@ def run_stages(parent: nn.Module, tokens: Tokens, stages: Sequence[StageSpec], *
   return tokens, collected
 
 
+def per_stage(field: str, value, n: int, *, doubling: bool = False) -> tuple:
+  """A per-stage tuple from a tuple (one entry per stage) or a single value (the first stage's;
+  doubled each stage with `doubling`, as heads follow the widths in Swin and CSWin)."""
+  if isinstance(value, (tuple, list)):
+    if len(value) != n:
+      raise ValueError(f"{field}={tuple(value)} needs one entry per stage ({n})")
+    return tuple(value)
+  return tuple(value * 2 ** i if doubling else value for i in range(n))
+
+
+def check_per_stage(model, fields: Sequence[str], *, depths: str = "depths"):
+  """One clear error when one of a model's per-stage `fields` is not a tuple with one entry per
+  stage (as many as `depths` has)."""
+  n = len(getattr(model, depths))
+  for field in fields:
+    value = getattr(model, field)
+    if not isinstance(value, (tuple, list)) or len(value) != n:
+      raise ValueError(f"{field}={value!r} needs one entry per stage ({n}, from "
+                       f"{depths}={tuple(getattr(model, depths))})")
+
+
 def stage_ends(stages: Sequence[StageSpec]) -> list[int]:
   """Global index of the last block of each stage."""
   ends, k = [], 0

@@ -45,10 +45,10 @@ import jax.numpy as jnp
 
 from vitjax import choices
 from vitjax.models import layers
-from vitjax.models.backbone import MultiStageModel, StageSpec, Tokens, build_mixer
+from vitjax.models.backbone import MultiStageModel, StageSpec, Tokens, build_mixer, per_stage
 from vitjax.models.mixers import out_projection, qkv_projections
 from vitjax.models.registry import register_block, register_mixer, register_model
-from vitjax.models.swin import check_positive, per_stage, pre_norm_block
+from vitjax.models.swin import check_positive, pre_norm_block
 from vitjax.ops import conv, windows
 
 trunc_normal = nn.initializers.truncated_normal

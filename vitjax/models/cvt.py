@@ -42,7 +42,7 @@ import jax.numpy as jnp
 from vitjax import choices, kernels
 from vitjax.models import layers
 from vitjax.models.backbone import (MultiStageModel, StageSpec, Tokens, build_mixer,
-                                    call_mixer)
+                                    call_mixer, check_per_stage)
 from vitjax.models.registry import register_block, register_mixer, register_model
 from vitjax.ops import conv_attention as ops
 
@@ -202,11 +202,7 @@ class CvT(MultiStageModel):
   drop_path: float = 0.0
 
   def check(self):
-    n = len(self.depths)
-    for field in _PER_STAGE:
-      if len(getattr(self, field)) != n:
-        raise ValueError(f"{field} needs one entry per stage ({n}, from depths={self.depths}); "
-                         f"got {getattr(self, field)}")
+    check_per_stage(self, _PER_STAGE)
     check_act(self.act)
 
   def stem_stride(self) -> int:

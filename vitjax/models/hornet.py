@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from vitjax import choices
 from vitjax.models import layers
 from vitjax.models.backbone import (MultiStageModel, StageNames, StageSpec, Tokens, build_mixer,
-                                    call_mixer)
+                                    call_mixer, check_per_stage)
 from vitjax.models.registry import register_block, register_model
 from vitjax.models.spectral_mixers import GNCONV_VARIANTS
 
@@ -94,10 +94,7 @@ class HorNet(MultiStageModel):
                                                  downsample="downsample_{i}")
 
   def check(self):
-    n = len(self.depths)
-    for field in ("orders", "variants"):
-      if len(getattr(self, field)) != n:
-        raise ValueError(f"{field} needs one entry per stage ({n}); got {getattr(self, field)}")
+    check_per_stage(self, ("orders", "variants"))
     for v in self.variants:
       choices.check("variants entry", v, GNCONV_VARIANTS)
 

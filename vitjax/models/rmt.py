@@ -45,7 +45,8 @@ import jax.numpy as jnp
 
 from vitjax import kernels
 from vitjax.models import layers
-from vitjax.models.backbone import MultiStageModel, StageSpec, Tokens, build_mixer, call_mixer
+from vitjax.models.backbone import (MultiStageModel, StageSpec, Tokens, build_mixer, call_mixer,
+                                    check_per_stage)
 from vitjax.models.registry import (register_block, register_downsample, register_mixer,
                                     register_model)
 from vitjax.models.spectral_mixers import DepthwiseConv
@@ -215,11 +216,7 @@ class RMT(MultiStageModel):
   drop_path: float = 0.0
 
   def check(self):
-    n = len(self.depths)
-    for field in _PER_STAGE:
-      if len(getattr(self, field)) != n:
-        raise ValueError(f"{field} needs one entry per stage ({n}, from depths={self.depths}); "
-                         f"got {getattr(self, field)}")
+    check_per_stage(self, _PER_STAGE)
     for dim, heads in zip(self.dims, self.num_heads):
       if dim % heads or (dim // heads) % 2:
         raise ValueError(f"dims={self.dims}, num_heads={self.num_heads}: each stage's head width "

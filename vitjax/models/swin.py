@@ -35,7 +35,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax.models import layers
-from vitjax.models.backbone import MultiStageModel, StageSpec, Tokens, build_mixer, call_mixer
+from vitjax.models.backbone import (MultiStageModel, StageSpec, Tokens, build_mixer, call_mixer,
+                                    per_stage)
 from vitjax.models.mixers import out_projection, qkv_projections
 from vitjax.models.registry import register_block, register_mixer, register_model
 from vitjax.ops import windows
@@ -48,16 +49,6 @@ def check_positive(what: str, **fields):
     values = value if isinstance(value, tuple) else (value,)
     if any(not isinstance(v, int) or v < 1 for v in values):
       raise ValueError(f"{what}: {field}={value}; allowed values are positive integers")
-
-
-def per_stage(field: str, value, n: int, *, doubling: bool = False) -> tuple:
-  """A per-stage tuple from a tuple (one entry per stage) or a single value (the first stage's;
-  doubled each stage with `doubling`, as heads follow the widths in Swin and CSWin)."""
-  if isinstance(value, (tuple, list)):
-    if len(value) != n:
-      raise ValueError(f"{field}={tuple(value)} needs one entry per stage ({n})")
-    return tuple(value)
-  return tuple(value * 2 ** i if doubling else value for i in range(n))
 
 
 @register_mixer("window_attn")
