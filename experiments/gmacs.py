@@ -1,0 +1,38 @@
+"""XLA-counted GMACs (multiply-accumulates, the ViT literature's "GFLOPs") of registered models.
+
+    python -m experiments.gmacs --models=convnext_tiny,cvt_13 --image_size=224
+
+One image, inference, `compiled.cost_analysis()['flops'] / 2`, through `vitjax.train.gmacs` (the
+figure the runner logs). Depthwise convolutions use XLA's convolution (`dwconv_impl='xla'` where a
+model has the field): the CPU 'shift' form also counts the taps that fall on the zero padding.
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+import vitjax
+from vitjax import train
+
+DEFAULT = ("convnext_tiny", "cvt_13", "swin_tiny_patch4_window7_224", "cswin_tiny_224", "rmt_t")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--models", default=",".join(DEFAULT))
+  parser.add_argument("--image_size", type=int, default=224)
+  args = parser.parse_args(argv)
+  print("| model | GMACs (XLA) |\n|---|---:|")
+  for name in filter(None, args.models.split(",")):
+    model = vitjax.create_model(name)
+    if "dwconv_impl" in vitjax.models.layers.module_fields(type(model)):
+      model = model.clone(dwconv_impl="xla")
+    shape = (args.image_size, args.image_size, 3)
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
+    print(f"| {name} | {train.gmacs(model, variables, shape):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
