@@ -418,3 +418,22 @@ def test_mlp_block_matches_plain_dense_gelu_dense_forward_and_gradient():
   g = jax.grad(lambda p, x: jnp.sum(ours(p, x) * w), (0, 1))(params, x)
   g_ref = jax.grad(lambda p, x: jnp.sum(plain(p, x) * w), (0, 1))(params, x)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4), g, g_ref)
+
+
+def test_torch_checkpoint_files_unwrap_and_drop_the_ddp_prefix(tmp_path):
+  """A released training checkpoint (.pth.tar, weights under 'model', DDP's 'module.' prefix)
+  reads as the plain state dict."""
+  torch = pytest.importorskip("torch", reason="reading .pth files needs torch (the torch extra)")
+  from vitjax.convert import files  # pylint: disable=g-import-not-at-top
+  weights = {"module.head.weight": torch.arange(6.0).reshape(2, 3), "module.head.bias": torch.ones(2)}
+  path = str(tmp_path / "released.pth.tar")
+  torch.save({"model": weights, "epoch": 300}, path)
+  state = files.load_state_dict(path)
+  assert sorted(state) == ["head.bias", "head.weight"]
+  np.testing.assert_array_equal(np.asarray(state["head.weight"]), np.arange(6.0).reshape(2, 3))
+  mixed = {"module.a": torch.ones(1), "b": torch.ones(1)}  # prefix on some keys only: kept as is
+  torch.save(mixed, str(tmp_path / "mixed.pth"))
+  assert sorted(files.load_state_dict(str(tmp_path / "mixed.pth"))) == ["b", "module.a"]
+  with pytest.raises(ValueError, match="unsupported extension '.ckpt'"):
+    (tmp_path / "x.ckpt").write_bytes(b"")
+    files.load_state_dict(str(tmp_path / "x.ckpt"))

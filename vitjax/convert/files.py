@@ -1,7 +1,9 @@
 """Reading checkpoint files into flat state dicts (name -> array), one reader per file type.
 
-  * .pth / .pt / .bin : `torch.load(..., map_location='cpu', weights_only=True)` (torch needed); a
-    training checkpoint that wraps the weights under 'state_dict', 'model' or 'module' is unwrapped;
+  * .pth / .pt / .bin / .pth.tar / .tar : `torch.load(..., map_location='cpu', weights_only=True)`
+    (torch needed); a training checkpoint that wraps the weights under 'state_dict', 'model' or
+    'module' is unwrapped, and the 'module.' prefix of DistributedDataParallel, when every key has
+    it, is dropped;
   * .safetensors      : the `safetensors` package (its torch reader when torch is installed, so
     bfloat16 files load too);
   * .npz              : numpy, for big_vision / vit_jax checkpoints.
@@ -13,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-TORCH_EXTENSIONS = (".pth", ".pt", ".bin")
+TORCH_EXTENSIONS = (".pth", ".pt", ".bin", ".tar")  # .tar: the .pth.tar of many released checkpoints
 EXTENSIONS = TORCH_EXTENSIONS + (".safetensors", ".npz")
 _WRAPPERS = ("state_dict", "model", "module", "model_ema")
 
@@ -30,7 +32,10 @@ def _load_torch(path: str) -> dict[str, Any]:
       break
   if not isinstance(state, dict):
     raise ValueError(f"{path!r} holds a {type(state).__name__}, not a state dict")
-  return {k: v for k, v in state.items() if hasattr(v, "shape")}
+  state = {k: v for k, v in state.items() if hasattr(v, "shape")}
+  if state and all(k.startswith("module.") for k in state):
+    state = {k[len("module."):]: v for k, v in state.items()}
+  return state
 
 
 def _load_safetensors(path: str) -> dict[str, Any]:
