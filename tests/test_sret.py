@@ -161,6 +161,28 @@ def test_permutation_rng_streams():
                                 apply(x, train=True, permute=False, rngs={"dropout": keys[1]}))
 
 
+@pytest.mark.parametrize("impl", ["shift", "xla"])
+def test_pooling_conv_matches_a_direct_loop(impl):
+  """conv_head_pool's grouped conv (one group per input channel, 2 outputs each, 3x3, stride 2,
+  padding 1): out[i, j, c*m + q] = b + sum_{di, dj} xpad[2i + di, 2j + dj, c] K[di, dj, c*m + q]."""
+  layer = sret.ChannelMultiplierConv(6, impl=impl)
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((2, 6, 5, 3)), jnp.float32)
+  params = _random_like(jax.eval_shape(layer.init, jax.random.key(0), x), 7)["params"]
+
+  def ref(p, x):
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    rows = []
+    for i in range(3):
+      cols = []
+      for j in range(3):
+        patch = jnp.repeat(xp[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3], 2, axis=-1)   # (B, 3, 3, 6)
+        cols.append(jnp.einsum("bijo,ijo->bo", patch, p["kernel"][:, :, 0]) + p["bias"])
+      rows.append(jnp.stack(cols, 1))
+    return jnp.stack(rows, 1)                                                      # (B, 3, 3, 6)
+
+  _check_value_and_grads(lambda p, x: layer.apply({"params": p}, x), ref, params, x)
+
+
 def test_sliced_group_attn_is_a_mixer_for_other_backbones():
   """By registered name in an isotropic ViT (shapes only: the math is checked above)."""
   model = vitjax.create_model("vit_nano4", mixer="sliced_group_attn", pool="gap", num_classes=3,

@@ -37,10 +37,15 @@ the backbone's one rule (`drop_path_rates`; the official rate of unit r of a sta
 block b is rate * (b + r) / sum(depths)); the default initialisers are the backbone's
 (truncated-normal 0.02 Linear kernels, zero biases), not PyTorch's defaults; `pos_embed` is
 sized from the input at init, so a model runs at the resolution it was initialised with.
+Additions: `stem_strides` (official (2, 2, 2); small images use e.g. (2, 1, 1)) and
+`dwconv_impl`, how the pooling's grouped conv is computed (`ChannelMultiplierConv`).
 
 Parameter counts at 224 px and 1000 classes equal the official `sum(p.numel() for p in
 model.parameters())` (tests/test_sret.py pins them): sret_t 4,755,979 (SReT_T, paper 4.8M,
 1.1G FLOPs), sret_lt 4,988,024 (SReT_LT, 5.0M, 1.2G), sret_s 20,899,692 (SReT_S, 20.9M, 4.2G).
+XLA's cost analysis at 224 px (`python -m experiments.gmacs --models=sret_t,sret_lt,sret_s`,
+multiply-accumulates): 1.13, 1.19 and 4.21 GMACs; without slicing (groups1 = groups2 = 1)
+sret_t 1.39 and sret_s 4.72, the official README's 1.4G and 4.7G for the unsliced models.
 The official `*_distill` models are the same networks (their forward returns the one head's
 logits), so their weights load into the same names. The official code defines no SReT-B.
 `vitjax.convert.from_official` loads the official weights (experiments/golden/sret.py).
@@ -48,9 +53,11 @@ logits), so their weights load into the same names. The official code defines no
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, ClassVar
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vitjax import choices, kernels
@@ -61,7 +68,7 @@ from vitjax.models.registry import (register_block, register_downsample, registe
                                     register_model)
 from vitjax.models.rmt import batch_norm
 from vitjax.models.swin import check_positive
-from vitjax.ops import sliced
+from vitjax.ops import conv, sliced
 
 trunc_normal = nn.initializers.truncated_normal
 # PyTorch's default Conv2d weight init: kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)).
@@ -186,43 +193,79 @@ class RecursiveUnit(nn.Module):
     return tokens.replace(x=x)
 
 
+class ChannelMultiplierConv(nn.Module):
+  """A k x k stride-s conv (padding p, bias) with one group per input channel, each feeding
+  `features / C_in` outputs (output channel c * m + j reads input channel c): `nn.Conv` with
+  feature_group_count=C_in, same parameters (`kernel` (k, k, 1, features), `bias`).
+
+  impl 'shift' repeats each input channel m times and runs `ops.conv.depthwise_conv2d` (k*k
+  strided slices); 'xla' is the grouped `lax.conv_general_dilated`, whose kernel gradient took
+  about 100x its forward time on XLA:CPU (SReT's 14x14x32 -> 7x7x64 pooling at batch 128);
+  'auto' is 'shift' on CPU, 'xla' elsewhere.
+  """
+  features: int
+  kernel_size: int = 3
+  stride: int = 2
+  padding: int = 1
+  impl: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
+    c, k, s, p = x.shape[-1], self.kernel_size, self.stride, self.padding
+    if self.features % c:
+      raise ValueError(f"conv_head_pool: width {self.features} is not a multiple of the {c} "
+                       "input channels (one group per input channel)")
+    kernel = self.param("kernel", torch_conv_init, (k, k, 1, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
+    impl = choices.check("dwconv_impl", self.impl, conv.DWCONV_IMPLS)
+    if impl == "auto":
+      impl = "shift" if jax.default_backend() == "cpu" else "xla"
+    if impl == "xla":
+      y = jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       feature_group_count=c)
+    else:
+      y = conv.depthwise_conv2d(jnp.repeat(x, self.features // c, axis=-1), kernel, stride=s,
+                                padding=p)
+    return y + bias
+
+
 @register_downsample("conv_head_pool")
 class ConvHeadPooling(nn.Module):
   """PiT's pooling between stages (SReT's `conv_head_pooling`): an (s+1) x (s+1) stride-s conv
   with padding s // 2, bias, and one group per input channel (width must be a multiple of the
-  input channels; each input channel feeds width / C_in outputs)."""
+  input channels); `conv` is a `ChannelMultiplierConv`."""
   width: int
   stride: int = 2
+  dwconv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    c, s = x.shape[-1], self.stride
-    if self.width % c:
-      raise ValueError(f"conv_head_pool: width {self.width} is not a multiple of the {c} input "
-                       "channels (one group per input channel)")
-    k, p = s + 1, s // 2
-    return nn.Conv(self.width, (k, k), strides=(s, s), padding=((p, p), (p, p)),
-                   feature_group_count=c, kernel_init=torch_conv_init, name="conv")(x)
+    s = self.stride
+    return ChannelMultiplierConv(self.width, s + 1, s, s // 2, self.dwconv_impl, name="conv")(x)
 
 
 class SReTStem(nn.Module):
-  """Official `conv_embedding` (conv{1,2,3} 3x3/2 with BatchNorm bn{1,2,3} and ReLU) plus the
-  learned `pos_embed` and its dropout."""
+  """Official `conv_embedding` (conv{1,2,3} 3x3, padding 1, with BatchNorm bn{1,2,3} and ReLU;
+  official strides 2, 2, 2) plus the learned `pos_embed` and its dropout."""
   width: int
+  strides: tuple[int, ...] = (2, 2, 2)
   dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, *, train: bool = False):
-    for i, width in enumerate((int(self.width / 2), self.width, self.width), start=1):
-      x = nn.Conv(width, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+    widths = (int(self.width / 2), self.width, self.width)
+    for i, (width, s) in enumerate(zip(widths, self.strides), start=1):
+      x = nn.Conv(width, (3, 3), strides=(s, s), padding=((1, 1), (1, 1)),
                   kernel_init=torch_conv_init, name=f"conv{i}")(x)
       x = nn.relu(batch_norm(f"bn{i}", train)(x))
     pos = self.param("pos_embed", trunc_normal(0.02), (1, *x.shape[1:]), jnp.float32)
     return nn.Dropout(self.dropout, deterministic=not train)(x + pos)
 
 
-def _conv_out(n: int) -> int:
-  return (n - 1) // 2 + 1          # a 3x3 stride-2 conv with padding 1
+def _conv_out(n: int, stride: int = 2) -> int:
+  return (n - 1) // stride + 1          # a 3x3 conv with padding 1
 
 
 class SReT(MultiStageModel):
@@ -232,6 +275,8 @@ class SReT(MultiStageModel):
   depths: the official per-stage depth, uses of shared blocks (each of the depth / 2 shared
   blocks runs twice); groups1 / groups2: SGA groups on the first / recursive use per stage;
   mlp_ratio / np_mlp_ratio: hidden widths of F's and the NLL blocks' MLPs.
+  stem_strides: the strides of the stem's three convs (official (2, 2, 2); small images may
+    use e.g. (2, 1, 1), configs/sret.py).
   Parameter tree: `stem/{conv1..3,bn1..3,pos_embed}`, `stages_{i}/downsample/conv` (i > 0),
   `stages_{i}/blocks_{r}/{block,nll_0,nll_1}`, `norm`, `head`; BatchNorm statistics in
   `batch_stats/stem`.
@@ -244,6 +289,8 @@ class SReT(MultiStageModel):
   groups2: tuple[int, ...] = (2, 1, 1)
   mlp_ratio: float = 3.6
   np_mlp_ratio: float = 1.0
+  stem_strides: tuple[int, ...] = (2, 2, 2)
+  dwconv_impl: str = "auto"     # the pooling conv: 'auto', 'shift' or 'xla' (ChannelMultiplierConv)
   qkv_bias: bool = True
   attn_impl: str = "xla"
   dropout: float = 0.0
@@ -255,8 +302,12 @@ class SReT(MultiStageModel):
     check_per_stage(self, ("dims", "num_heads", "groups1", "groups2"))
     check_positive("SReT", depths=tuple(self.depths), dims=tuple(self.dims),
                    num_heads=tuple(self.num_heads), groups1=tuple(self.groups1),
-                   groups2=tuple(self.groups2))
+                   groups2=tuple(self.groups2), stem_strides=tuple(self.stem_strides))
+    if len(self.stem_strides) != 3:
+      raise ValueError(f"SReT: stem_strides={tuple(self.stem_strides)} needs one stride per stem "
+                       "conv (3)")
     choices.check("attn_impl", self.attn_impl, kernels.IMPLS)
+    choices.check("dwconv_impl", self.dwconv_impl, conv.DWCONV_IMPLS)
     for i, (depth, dim, heads) in enumerate(zip(self.depths, self.dims, self.num_heads)):
       if depth % 2:
         raise ValueError(f"SReT stage {i + 1}: depths[{i}]={depth}; allowed values are even "
@@ -271,7 +322,9 @@ class SReT(MultiStageModel):
 
   def stage_grids(self, image_hw) -> list[tuple[int, int]]:
     """The token grid of each stage for an (H, W) image."""
-    grid = tuple(_conv_out(_conv_out(_conv_out(n))) for n in image_hw)
+    grid = tuple(image_hw)
+    for s in self.stem_strides:
+      grid = tuple(_conv_out(n, s) for n in grid)
     grids = [grid]
     for _ in self.depths[1:]:
       grid = tuple(_conv_out(n) for n in grid)
@@ -287,11 +340,12 @@ class SReT(MultiStageModel):
                                             f"map at {image_hw[0]}x{image_hw[1]} px)")
 
   def stem_stride(self) -> int:
-    return 8
+    return math.prod(self.stem_strides)
 
   def stem(self, images, *, train: bool):
     self.check_groups(images.shape[1:3])
-    return SReTStem(self.dims[0], self.dropout, name="stem")(images, train=train)
+    return SReTStem(self.dims[0], tuple(self.stem_strides), self.dropout, name="stem")(
+        images, train=train)
 
   def stage_specs(self) -> tuple[StageSpec, ...]:
     return tuple(
@@ -300,7 +354,8 @@ class SReT(MultiStageModel):
                                     nll_mlp_dim=int(dim * self.np_mlp_ratio), num_heads=heads,
                                     groups1=g1, groups2=g2, qkv_bias=self.qkv_bias,
                                     attn_impl=self.attn_impl, dropout=self.dropout),
-                  downsample=None if i == 0 else ConvHeadPooling)
+                  downsample=None if i == 0 else ConvHeadPooling,
+                  downsample_kwargs=None if i == 0 else dict(dwconv_impl=self.dwconv_impl))
         for i, (depth, dim, heads, g1, g2) in enumerate(
             zip(self.depths, self.dims, self.num_heads, self.groups1, self.groups2)))
 
@@ -317,7 +372,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "sret_lt": dict(dims=(64, 128, 256), num_heads=(2, 4, 8), mlp_ratio=4.0, np_mlp_ratio=1.0),
     "sret_s": dict(dims=(126, 252, 504), num_heads=(3, 6, 12), mlp_ratio=3.0, np_mlp_ratio=2.0),
 }
-_TUPLES = ("dims", "depths", "num_heads", "groups1", "groups2")
+_TUPLES = ("dims", "depths", "num_heads", "groups1", "groups2", "stem_strides")
 
 
 def _factory(variant, **overrides):
