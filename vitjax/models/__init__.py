@@ -12,4 +12,9 @@ from vitjax.models import convnext  # noqa: F401
 from vitjax.models import swin  # noqa: F401  (registers 'window_attn', the 'swin' block)
 from vitjax.models import cswin  # noqa: F401  (registers 'cswin' mixer and block)
 from vitjax.models import rmt  # noqa: F401  (registers 'manhattan_attn', the 'rmt' block, 'conv_bn')
+from vitjax.models import soft  # noqa: F401  (registers 'soft_attn', the 'soft' block)
+from vitjax.models import vir  # noqa: F401  (registers the 'retention' mixer, vir_s16, vir_b16)
+from vitjax.models import t2t  # noqa: F401  (T2T-ViT: t2t_vit_*, soft split, Performer)
+from vitjax.models import sret  # noqa: F401  (registers 'sliced_group_attn', the 'sret' block)
+from vitjax.models import crossvit  # noqa: F401  (registers 'cls_cross_attn', the 'crossvit' block)
 from vitjax.models.registry import create_model, list_mixers, list_models  # noqa: F401

@@ -23,6 +23,11 @@ fixtures in tests/golden/ were made with are stored in each fixture):
   rmt          qhfan/RMT, classfication_release/RMT.py (T) and
                classification_token_label_release/RMT.py (S/B/L)  rmt_t, rmt_s, rmt_b, rmt_l
   cswin        microsoft/CSWin-Transformer, models/cswin.py       cswin_{tiny,small,base}_224
+  sret         szq0214/SReT, SReT.py                              sret_t, sret_lt, sret_s
+  t2t          yitu-opensource/T2T-ViT, models/t2t_vit.py          t2t_vit_{7,10,12,14,19,24},
+                                                                  t2t_vit_t_{14,19,24}
+  soft         fudan-zvg/SOFT, models/softmax_free_vision_transformer.py
+                                                                  soft_{tiny,small,medium,large,huge}
 
 Layout differences the rules undo: torch Linear (out, in) -> Flax kernel (in, out); Conv2d
 (O, I, kh, kw) -> (kh, kw, I, O); a 1x1 Conv2d -> a Dense kernel; a depthwise Conv2d (C, 1, k, k)
@@ -41,13 +46,15 @@ import jax.numpy as jnp
 from vitjax import choices
 from vitjax.convert import mapping
 from vitjax.convert.mapping import Converted
-from vitjax.convert.official import cswin, cvt, hornet, rmt, spectformer
+from vitjax.convert.official import cswin, cvt, hornet, rmt, sret, spectformer, t2t
+from vitjax.convert.official import soft
 from vitjax.convert.official.family import Family
 from vitjax.models.registry import create_model
 
 # The table. A family added here is all from_official needs.
 FAMILIES: dict[str, Family] = {
-    f.name: f for f in (hornet.FAMILY, spectformer.FAMILY, cvt.FAMILY, rmt.FAMILY, cswin.FAMILY)}
+    f.name: f for f in (hornet.FAMILY, spectformer.FAMILY, cvt.FAMILY, rmt.FAMILY, cswin.FAMILY,
+                        t2t.FAMILY, sret.FAMILY, soft.FAMILY)}
 
 
 
