@@ -29,6 +29,12 @@ in model.parameters())`: soft_tiny 13,069,056 (README 13M, 1.9G FLOPs), soft_sma
 (the README says 24M; its code builds 38.9M), soft_medium 45,812,707, soft_large 64,700,646,
 soft_huge 87,108,273; tests/test_soft.py pins them. The official SOFT blocks build their FFN with
 4C hidden units whatever `mlp_ratios` says (8 for stages 1-2); vitjax's `mlp_ratio` is that 4.
+At 224 px XLA's cost analysis (flops / 2) counts 2.22 / 7.72 / 9.08 / 13.75 / 19.42 GMACs for
+tiny ... huge (`python -m experiments.gmacs`; the README states 1.9 / 3.3 / 7.2 / 11.0 / 16.3G,
+counted without the kernels' exponentials, norms and activations). `vitjax.convert.from_official`
+loads the official weights: soft_tiny's logits agree to 1.7e-6 at full size (max |logit| 2.7;
+8.8e-9 in float64), its input gradients, through the official backward of the Newton-Schulz
+inverse, to 1.1e-7 (max 0.015) (experiments/golden/soft.py).
 
 Grids: each stage's landmark stride must divide its grid (at 224 px: 56/8, 28/4, 14/2, 7
 landmarks a side); anything else is one error naming `sr_ratios` (the official conv would drop
