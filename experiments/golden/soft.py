@@ -63,7 +63,8 @@ CPU_PATCH = (
      "assert mat.dim() == 4", 2),
     ("SOFT/kernel/inverse.py", "assert grad_output.is_cuda", "pass", 2),
     ("SOFT/kernel/inverse.py",
-     "out = _NewtonInverseKernel.apply(input_mat, iter)\n    else:\n        raise NotImplementedError",
+     "out = _NewtonInverseKernel.apply(input_mat, iter)\n    else:\n"
+     "        raise NotImplementedError",
      "out = _NewtonInverseKernel.apply(input_mat, iter)\n    else:\n"
      "        out = _NewtonInverseKernel.apply(input_mat, iter)", 1),
 )
