@@ -63,7 +63,8 @@ def make_train_step(model, tx, *, label_smoothing: float = 0.0):
   applied with them mutable and the step stores the updated running statistics. They are
   computed over the batch as one global array: under jit with the batch sharded along 'data',
   XLA inserts the cross-device reductions, so 8 devices give the statistics of the whole batch,
-  as one device would.
+  as one device would. The collection 'aux_loss' is mutable too: whatever a model sows there
+  (auxiliary losses, already weighted) is summed into the training loss.
 
   The norm of the parameters (and running statistics) is returned so the loop can refuse to
   checkpoint a state that went non-finite even when the loss of the step that produced it was
@@ -71,14 +72,16 @@ def make_train_step(model, tx, *, label_smoothing: float = 0.0):
   """
   def loss_fn(params, batch_stats, batch, key, kwargs):
     variables = _variables(params, batch_stats)
-    if batch_stats is None:
-      logits = model.apply(variables, batch["image"], train=True, rngs={"dropout": key}, **kwargs)
-    else:
-      logits, updates = model.apply(variables, batch["image"], train=True, rngs={"dropout": key},
-                                    mutable=["batch_stats"], **kwargs)
+    mutable = ["aux_loss"] if batch_stats is None else ["batch_stats", "aux_loss"]
+    logits, updates = model.apply(variables, batch["image"], train=True, rngs={"dropout": key},
+                                  mutable=mutable, **kwargs)
+    if batch_stats is not None:
       batch_stats = updates["batch_stats"]
     labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)
-    return optax.softmax_cross_entropy(logits, labels).mean(), batch_stats
+    # Auxiliary losses a model sows into 'aux_loss' (e.g. ShiftAddViT's MoE load balancing,
+    # already weighted) are added to the training loss.
+    aux = sum(jnp.sum(x) for x in jax.tree.leaves(updates.get("aux_loss", {})))
+    return optax.softmax_cross_entropy(logits, labels).mean() + aux, batch_stats
 
   def train_step(state, batch, key, apply_kwargs=()):
     key = jax.random.fold_in(key, state["step"])

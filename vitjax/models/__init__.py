@@ -17,4 +17,5 @@ from vitjax.models import vir  # noqa: F401  (registers the 'retention' mixer, v
 from vitjax.models import t2t  # noqa: F401  (T2T-ViT: t2t_vit_*, soft split, Performer)
 from vitjax.models import sret  # noqa: F401  (registers 'sliced_group_attn', the 'sret' block)
 from vitjax.models import crossvit  # noqa: F401  (registers 'cls_cross_attn', the 'crossvit' block)
+from vitjax.models import pvt  # noqa: F401  (ShiftAddViT: 'shiftadd_attn', 'shift_mlp', its PVTv2 models)
 from vitjax.models.registry import create_model, list_mixers, list_models  # noqa: F401
