@@ -1,8 +1,8 @@
 """XLA-counted GMACs (multiply-accumulates, the ViT literature's "GFLOPs") of registered models.
 
-    python -m experiments.gmacs --models=convnext_tiny,cvt_13 --image_size=224
+    python -m experiments.gmacs --models=convnext_tiny,cvt_13,crossvit_9_240@240 --image_size=224
 
-One image, inference, `compiled.cost_analysis()['flops'] / 2`, through `vitjax.train.gmacs` (the
+NAME@SIZE measures NAME at SIZE px (CrossViT's reference input is 240). One image, inference, `compiled.cost_analysis()['flops'] / 2`, through `vitjax.train.gmacs` (the
 figure the runner logs). Depthwise convolutions use XLA's convolution (`dwconv_impl='xla'` where a
 model has the field): the CPU 'shift' form also counts the taps that fall on the zero padding.
 """
@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import vitjax
 from vitjax import train
 
-DEFAULT = ("convnext_tiny", "cvt_13", "swin_tiny_patch4_window7_224", "cswin_tiny_224", "rmt_t")
+DEFAULT = ("convnext_tiny", "cvt_13", "swin_tiny_patch4_window7_224", "cswin_tiny_224", "rmt_t",
+           "crossvit_9_240@240", "t2t_vit_14", "sret_s", "soft_tiny", "vir_s16",
+           "shiftadd_pvt_v2_b0")
 
 
 def main(argv=None):
@@ -25,13 +27,16 @@ def main(argv=None):
   parser.add_argument("--image_size", type=int, default=224)
   args = parser.parse_args(argv)
   print("| model | GMACs (XLA) |\n|---|---:|")
-  for name in filter(None, args.models.split(",")):
+  for entry in filter(None, args.models.split(",")):
+    name, _, size = entry.partition("@")
+    size = int(size) if size else args.image_size
     model = vitjax.create_model(name)
     if "dwconv_impl" in vitjax.models.layers.module_fields(type(model)):
       model = model.clone(dwconv_impl="xla")
-    shape = (args.image_size, args.image_size, 3)
+    shape = (size, size, 3)
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *shape)))
-    print(f"| {name} | {train.gmacs(model, variables, shape):.2f} |", flush=True)
+    label = name if size == 224 else f"{name} ({size} px)"
+    print(f"| {label} | {train.gmacs(model, variables, shape):.2f} |", flush=True)
 
 
 if __name__ == "__main__":
