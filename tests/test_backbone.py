@@ -57,16 +57,38 @@ def test_parameter_trees_are_unchanged(name):
 
 # --------------------------------------------------------------------------------------------
 # Features: every registered model, two input sizes, shapes from feature_info.
+#
+# Tracing cost grows with depth, and the feature taps and strides do not depend on it: each model is
+# traced with every stage capped at two blocks and isotropic models at four (`_shallow`), and models that are then the same
+# module (convnext_tiny and convnext_small, ...) are traced once. Every model's feature_info is
+# still checked on its own, at full depth (`test_feature_info_of_every_model`).
 
-def _feature_case(name):
-  """(overrides, two input sizes) that keep every model cheap to trace."""
-  info = vitjax.feature_info(name)
+def _cap(value, most: int):
+  if isinstance(value, int):
+    return min(value, most)
+  if isinstance(value, (tuple, list)) and value:
+    capped = [_cap(v, 2) for v in value]
+    return None if any(c is None for c in capped) else tuple(capped)
+  return None
+
+
+def _shallow(name) -> dict:
+  """create_model overrides that cap 'depths' (per stage, nested tuples too) at 2 blocks and an
+  isotropic 'depth' at 4 (its features are up to four taps spread over the depth)."""
+  model = vitjax.create_model(name)
+  caps = {f: _cap(getattr(model, f), 4) for f in ("depth", "depths") if hasattr(model, f)}
+  return {f: v for f, v in caps.items() if v is not None}
+
+
+def _feature_case(name, overrides):
+  """Two input sizes that keep the model cheap to trace."""
+  info = vitjax.feature_info(name, **overrides)
   stride = max(f.stride for f in info)
   if name.startswith("lookupvit"):
-    model = vitjax.create_model(name)
+    model = vitjax.create_model(name, **overrides)
     size = model.table_grid[0] * model.patch_size
-    return {}, (size, size + 2 * model.patch_size)
-  return {}, (2 * stride, 3 * stride) if stride >= 16 else (4 * stride, 6 * stride)
+    return size, size + 2 * model.patch_size
+  return (2 * stride, 3 * stride) if stride >= 16 else (4 * stride, 6 * stride)
 
 
 def _library_models():
@@ -76,15 +98,35 @@ def _library_models():
           if getattr(getattr(factory(n), "func", factory(n)), "__module__", "").startswith("vitjax.")]
 
 
-@pytest.mark.parametrize("name", _library_models())
+def _distinct_shallow_models():
+  """One name per distinct shallow module, with the names it stands for."""
+  seen = {}
+  for name in _library_models():
+    seen.setdefault(repr(vitjax.create_model(name, num_classes=7, **_shallow(name))), []).append(name)
+  return [pytest.param(names[0], id="=".join(names)) for names in seen.values()]
+
+
+def test_feature_info_of_every_model():
+  for name in _library_models():
+    info = vitjax.create_model(name).feature_info()
+    assert info == vitjax.feature_info(name), name
+    assert info[0].name == "stem" and [f.name for f in info[1:]] == [
+        f"stage{i + 1}" for i in range(len(info) - 1)], name
+    assert all(f.channels > 0 and f.stride >= 1 for f in info), (name, info)
+
+
+@pytest.mark.parametrize("name", _distinct_shallow_models())
 def test_features_agree_with_feature_info(name):
-  overrides, sizes = _feature_case(name)
+  overrides = _shallow(name)
   model = vitjax.create_model(name, num_classes=7, **overrides)
   info = model.feature_info()
   assert info == vitjax.feature_info(name, num_classes=7, **overrides)
   assert info[0].name == "stem" and [f.name for f in info[1:]] == [
       f"stage{i + 1}" for i in range(len(info) - 1)]
-  for size in sizes:
+  full = vitjax.feature_info(name, num_classes=7)
+  assert [(f.name, f.stride, f.channels) for f in info] == [
+      (f.name, f.stride, f.channels) for f in full], "capping the depth changed the features"
+  for size in _feature_case(name, overrides):
     x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
     variables = jax.eval_shape(model.init, jax.random.key(0), x)
     logits, out = jax.eval_shape(functools.partial(model.apply, train=False, features=True),
