@@ -98,18 +98,24 @@ class MHBC(nn.Module):
 
 class Entry(NamedTuple):
   label: str
-  make: Callable[[], Any]          # -> the mixer module (or None when it is not available)
+  make: Callable[..., Any]         # grid -> the mixer module (or None when it is not available)
   max_tokens: int | None = None    # larger N are not run (why: `limit`)
   limit: str = ""
 
 
 def _registered(name: str, **kwargs):
-  def make():
+  """A registered mixer; a kwarg given as a function is evaluated on the grid."""
+  def make(grid=(32, 32)):
     from vitjax.models import backbone, registry  # pylint: disable=g-import-not-at-top
     if name not in registry.list_mixers():
       return None
-    return backbone.build_mixer(name, dict(num_heads=HEADS, attn_impl="xla"), kwargs)
+    fields = {k: v(grid) if callable(v) else v for k, v in kwargs.items()}
+    return backbone.build_mixer(name, dict(num_heads=HEADS, attn_impl="xla"), fields)
   return make
+
+
+def _class(cls):
+  return lambda grid=(32, 32): cls()
 
 
 def entries() -> dict[str, Entry]:
@@ -117,15 +123,16 @@ def entries() -> dict[str, Entry]:
   return {e.label: e for e in (
       Entry("exact", _registered("mhsa"), 4096,
             f"dense (H, N, N) logits: {dense_gib(16384):.0f} GiB per array at 16k"),
-      Entry("exact_chunked", ExactChunked, 16384, "O(N²) time: minutes per step at 64k"),
+      Entry("exact_chunked", _class(ExactChunked), 16384, "O(N²) time: minutes per step at 64k"),
       Entry("krpe_fft", _registered("krpe_fft")),
       Entry("spectral_gating", _registered("spectral_gating")),
       Entry("hyena_nd", _registered("hyena_nd")),
-      Entry("soft_attn", _registered("soft_attn")),
+      # m = 8 x 8 landmarks at every N (the landmark stride grows with the grid): linear in N.
+      Entry("soft_attn", _registered("soft_attn", sr_ratio=lambda grid: grid[0] // 8)),
       Entry("retention_chunkwise", _registered("retention", form="chunkwise")),
       Entry("retention_recurrent", _registered("retention", form="recurrent")),
       Entry("shiftadd_attn", _registered("shiftadd_attn")),
-      Entry("mhbc_7x7", MHBC),
+      Entry("mhbc_7x7", _class(MHBC)),
   )}
 
 
@@ -139,10 +146,10 @@ def _grid(n: int) -> tuple[int, int]:
 def build(label: str, n: int):
   """(forward, forward+backward, params, x) for one mixer at N tokens; None if unavailable."""
   from vitjax.models import backbone  # pylint: disable=g-import-not-at-top
-  module = entries()[label].make()
+  grid = _grid(n)
+  module = entries()[label].make(grid)
   if module is None:
     return None
-  grid = _grid(n)
   x = jax.random.normal(jax.random.key(0), (1, n, WIDTH), jnp.float32)
   tokens = backbone.Tokens(x, grid=grid)
   variables = module.init(jax.random.key(1), x, **(
