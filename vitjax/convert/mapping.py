@@ -96,6 +96,14 @@ def rule(pattern: str, *targets: str, transform: Transform = copy) -> Rule:
   return Rule(pattern, tuple(targets), transform)
 
 
+def state_shape(state: Mapping[str, Any], key: str, what: str) -> tuple[int, ...]:
+  """The shape of `state[key]`; a missing key means the state dict is not a `what` one."""
+  if key not in state:
+    raise ValueError(f"Not a {what} state dict: key {key!r} is missing "
+                     f"(found {len(state)} keys, e.g. {sorted(state)[:5]}).")
+  return tuple(state[key].shape)
+
+
 def to_numpy(value: Any) -> np.ndarray:
   """A torch tensor (any device, bf16 included) or array-like -> float32/int numpy array."""
   if hasattr(value, "detach"):  # torch.Tensor, without importing torch here.
