@@ -18,4 +18,5 @@ from vitjax.models import t2t  # noqa: F401  (T2T-ViT: t2t_vit_*, soft split, Pe
 from vitjax.models import sret  # noqa: F401  (registers 'sliced_group_attn', the 'sret' block)
 from vitjax.models import crossvit  # noqa: F401  (registers 'cls_cross_attn', the 'crossvit' block)
 from vitjax.models import pvt  # noqa: F401  (ShiftAddViT: 'shiftadd_attn', 'shift_mlp', its PVTv2 models)
+from vitjax.models import token_reduction  # noqa: F401  (token_reduction='random', ...)
 from vitjax.models.registry import create_model, list_mixers, list_models  # noqa: F401

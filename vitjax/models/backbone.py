@@ -2,7 +2,8 @@
 registry, and stages.
 
   Tokens         - the carry: the main stream `x` (B, N, D), its static layout (`grid`,
-                   `num_prefix`) and `extra`, a dict of other streams (LookupViT's lookup tokens).
+                   `num_prefix`), `extra`, a dict of other streams (LookupViT's lookup tokens),
+                   and `mask`, the tokens still in play when a reducer drops by masking.
   EncoderBlock   - block 'vit', the pre-norm Transformer block around any registered MIXER.
   StageSpec      - one stage: an optional downsampling layer, then `depth` blocks of `width`.
   run_stages     - THE loop over stages and blocks (drop-path schedule, names, features);
@@ -23,18 +24,25 @@ import flax
 import flax.linen as nn
 import jax.numpy as jnp
 
-from vitjax.models import layers
+from vitjax.models import layers, plugins
 from vitjax.models.registry import (display_name, get_block, get_downsample, get_mixer,
                                     register_block)
 
 
 @flax.struct.dataclass
 class Tokens:
-  """The carry between blocks. `grid` and `num_prefix` are static (not traced)."""
+  """The carry between blocks. `grid` and `num_prefix` are static (not traced).
+
+  `mask` (B, N) bool, when set, marks the tokens still in play (a token reducer that drops by
+  masking, to keep shapes static in training): mixers that take it (`accepts_mask = True`)
+  exclude the others as keys, and pooling ignores them. After a reducer that gathers or merges
+  tokens, `grid` is None (the tokens no longer lie on a grid).
+  """
   x: jnp.ndarray                                   # (B, N, D) main stream
   extra: dict[str, Any] = flax.struct.field(default_factory=dict)
   grid: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
   num_prefix: int = flax.struct.field(pytree_node=False, default=0)
+  mask: Any = None
 
   @classmethod
   def from_map(cls, x, **kw) -> "Tokens":
@@ -70,16 +78,28 @@ def build_mixer(mixer, shared: Mapping[str, Any], mixer_kwargs: Mapping[str, Any
 
 
 def call_mixer(mixer: nn.Module, x, tokens: Tokens, *, train: bool):
+  kwargs = {}
+  if tokens.mask is not None:
+    if not getattr(mixer, "accepts_mask", False):
+      raise ValueError(f"mixer {type(mixer).__name__} does not take a token mask, which the "
+                       "token reducer before it sets (dropping by masking); use a mixer that "
+                       "does (e.g. 'mhsa')")
+    kwargs["mask"] = tokens.mask
   if getattr(mixer, "needs_grid", False):
     if tokens.grid is None:
-      raise ValueError(f"mixer {type(mixer).__name__} needs a 2-D token grid, but the tokens have none")
-    return mixer(x, grid=tokens.grid, num_prefix=tokens.num_prefix, train=train)
-  return mixer(x, train=train)
+      raise ValueError(f"mixer {type(mixer).__name__} needs a 2-D token grid, but the tokens "
+                       "have none (a token reducer before it gathers or merges tokens)")
+    return mixer(x, grid=tokens.grid, num_prefix=tokens.num_prefix, train=train, **kwargs)
+  return mixer(x, train=train, **kwargs)
 
 
 @register_block("vit")
 class EncoderBlock(nn.Module):
-  """Pre-norm block: x + DropPath(mixer(LN(x))), then x + DropPath(MLP(LN(x)))."""
+  """Pre-norm block: x + DropPath(mixer(N(x))), then x + DropPath(MLP(N(x))).
+
+  N is LayerNorm, or the plug-in `norm` (`vitjax.models.plugins`, e.g. 'dtn'), named
+  LayerNorm_0 / LayerNorm_1 either way.
+  """
   mlp_dim: int
   num_heads: int
   mixer: Any = "mhsa"
@@ -87,15 +107,17 @@ class EncoderBlock(nn.Module):
   attn_impl: str = "xla"
   dropout: float = 0.0
   drop_path: float = 0.0
+  norm: Any = "ln"
+  norm_kwargs: Any = None
 
   @nn.compact
   def __call__(self, tokens: Tokens, *, train: bool = False) -> Tokens:
     shared = dict(num_heads=self.num_heads, attn_impl=self.attn_impl, dropout=self.dropout)
     x = tokens.x
-    y = nn.LayerNorm(name="LayerNorm_0")(x)
+    y = plugins.make_norm(self.norm, "LayerNorm_0", self.norm_kwargs)(x, tokens=tokens)
     y = call_mixer(build_mixer(self.mixer, shared, self.mixer_kwargs), y, tokens, train=train)
     x = x + layers.DropPath(self.drop_path)(y, train=train)
-    y = nn.LayerNorm(name="LayerNorm_1")(x)
+    y = plugins.make_norm(self.norm, "LayerNorm_1", self.norm_kwargs)(x, tokens=tokens)
     y = layers.MlpBlock(self.mlp_dim, dropout=self.dropout, name="MlpBlock_0")(y, train=train)
     x = x + layers.DropPath(self.drop_path)(y, train=train)
     return tokens.replace(x=x)
@@ -116,6 +138,8 @@ class StageSpec:
     becomes a prefix token of the carry (`Tokens.num_prefix`).
   block_cycle: per-block fields taken in turn: block j of the stage also gets
     block_cycle[j % len(block_cycle)] (Swin: `(dict(shift=0), dict(shift=window // 2))`).
+  reducer / reducer_kwargs: a token reducer (`plugins.REDUCERS` name, class or partial) run on
+    the carry before the stage's blocks, built with `reducer_kwargs` (keep_ratio and its fields).
   """
   depth: int
   width: int
@@ -126,6 +150,8 @@ class StageSpec:
   downsample_kwargs: Mapping[str, Any] | None = None
   cls_token: bool = False
   block_cycle: tuple[Mapping[str, Any], ...] | None = None
+  reducer: Any = None
+  reducer_kwargs: Mapping[str, Any] | None = None
 
   def downsample_stride(self) -> int:
     if self.downsample is None:
@@ -145,6 +171,7 @@ class StageNames(NamedTuple):
   block: str = "blocks_{j}"
   downsample: str = "downsample"
   cls_token: str = "cls_token"
+  reducer: str = "reducer_{i}"
 
 
 def drop_path_rates(depths: Sequence[int], rate: float) -> list[list[float]]:
@@ -203,6 +230,12 @@ class _Stage(nn.Module):
                        (1, 1, d), tokens.x.dtype)
       tokens = tokens.replace(x=jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), tokens.x], 1),
                               num_prefix=tokens.num_prefix + 1)
+    if spec.reducer is not None:
+      kwargs = dict(spec.reducer_kwargs or {})
+      keep = kwargs.pop("keep_ratio", 1.0)
+      reducer = plugins.make_reducer(spec.reducer, keep, names.reducer.format(
+          i=i, k=self.first_block), kwargs)
+      tokens = reducer(tokens, train=train)
     cls = get_block(spec.block)
     kwargs = _block_kwargs(spec, cls)
     out = {}
@@ -320,12 +353,18 @@ class Classifier(nn.Module):
 
 
 class Encoder(nn.Module):
-  """The isotropic case of the stages: learned positions, blocks, final norm.
+  """The isotropic case of the stages: positions, blocks (with token reducers between them),
+  final norm.
 
   Either `depth` blocks of one `block` with `block_kwargs` (ViT), or explicit `stages` without
   downsampling (e.g. SpectFormer's spectral blocks followed by attention blocks). Names are
-  vit_jax's `Transformer`: `posembed_input`, `encoderblock_{k}`, `encoder_norm`. With
-  `posemb=False` no table is added; with `final_norm=False` there is no final norm.
+  vit_jax's `Transformer`: `posembed_input`, `encoderblock_{k}`, `encoder_norm`.
+
+  posemb: a `plugins.POSEMBS` name (True is 'learn', vit_jax's learned table; False is 'none'),
+    class or partial, built with `posemb_kwargs`.
+  token_reduction: a `plugins.REDUCERS` name, class or partial; it runs before each block in
+    `reduction_blocks` (as `tokenreducer_{k}`), built with `keep_ratio` and `reduction_kwargs`.
+  With `final_norm=False` there is no final norm.
   Returns the carry and {k: carry after block k} for the blocks in `collect`.
   """
   depth: int = 0
@@ -334,22 +373,35 @@ class Encoder(nn.Module):
   shared: Any = None
   stages: tuple[StageSpec, ...] | None = None
   drop_path: float = 0.0
-  posemb: bool = True
+  posemb: Any = True
+  posemb_kwargs: Any = None
   posemb_dropout: float = 0.0
   final_norm: bool = True
+  token_reduction: Any = None
+  reduction_blocks: tuple[int, ...] = ()
+  keep_ratio: float = 1.0
+  reduction_kwargs: Any = None
   collect: tuple[int, ...] = ()
 
-  NAMES: ClassVar[StageNames] = StageNames(stage=None, block="encoderblock_{k}")
+  NAMES: ClassVar[StageNames] = StageNames(stage=None, block="encoderblock_{k}",
+                                            reducer="tokenreducer_{k}")
 
   def specs(self, width: int) -> tuple[StageSpec, ...]:
     if self.stages is not None:
-      return tuple(self.stages)
-    return (StageSpec(self.depth, width, self.block, self.block_kwargs, self.shared),)
+      specs = tuple(self.stages)
+    else:
+      specs = (StageSpec(self.depth, width, self.block, self.block_kwargs, self.shared),)
+    if self.token_reduction in (None, "none"):
+      return specs
+    kwargs = {**dict(self.reduction_kwargs or {}), "keep_ratio": self.keep_ratio}
+    return split_stages(specs, self.reduction_blocks, self.token_reduction, kwargs)
 
   @nn.compact
   def __call__(self, tokens: Tokens, *, train: bool = False):
-    if self.posemb:
-      tokens = tokens.replace(x=layers.AddPositionEmbs(name="posembed_input")(tokens.x))
+    posemb = {True: "learn", False: "none"}.get(self.posemb, self.posemb) \
+        if isinstance(self.posemb, (bool, str)) else self.posemb
+    tokens = plugins.add_positions(self, posemb, tokens, train=train,
+                                   posemb_kwargs=self.posemb_kwargs)
     if self.posemb_dropout:
       tokens = tokens.replace(x=nn.Dropout(self.posemb_dropout, deterministic=not train)(tokens.x))
     specs = self.specs(tokens.x.shape[-1])
@@ -360,6 +412,34 @@ class Encoder(nn.Module):
     if self.final_norm:
       tokens = tokens.replace(x=nn.LayerNorm(name="encoder_norm")(tokens.x))
     return tokens, out
+
+
+def split_stages(specs: Sequence[StageSpec], before: Collection[int], reducer,
+                 reducer_kwargs: Mapping[str, Any]) -> tuple[StageSpec, ...]:
+  """`specs` cut so that a stage starts at each global block index in `before`, each such stage
+  running `reducer` before its blocks. Block names and drop-path rates are those of the uncut
+  stages (they follow the global block index)."""
+  total = sum(s.depth for s in specs)
+  before = sorted({int(k) for k in before})
+  bad = [k for k in before if not 0 <= k < total]
+  if bad or not before:
+    raise ValueError(f"reduction_blocks={tuple(before)!r}: allowed values are block indices "
+                     f"0..{total - 1} (the reducer runs before each)")
+  out, first = [], 0
+  for spec in specs:
+    cuts = [k - first for k in before if first <= k < first + spec.depth]
+    edges = sorted({0, *cuts, spec.depth})
+    for a, b in zip(edges[:-1], edges[1:]):
+      reduce = a in cuts
+      out.append(dataclasses.replace(
+          spec, depth=b - a, downsample=spec.downsample if a == 0 else None,
+          cls_token=spec.cls_token and a == 0,
+          reducer=reducer if reduce else None,
+          reducer_kwargs=reducer_kwargs if reduce else None))
+      if spec.block_cycle and a % len(spec.block_cycle):
+        raise ValueError("reduction_blocks must not cut a stage inside its block_cycle")
+    first += spec.depth
+  return tuple(out)
 
 
 class MultiStageModel(Classifier):

@@ -2,7 +2,7 @@
 
   token layout   - `check_images`, `split_prefix`, `patches_to_grid`, `tokens_to_grid`,
                    `grid_to_tokens`: between (B, N, D) token streams and (B, h, w, D) maps;
-  embeddings     - `patch_conv`, `AddPositionEmbs`, `posemb_sincos_2d`;
+  embeddings     - `patch_conv`, `posemb_sincos_2d` (position tables: `vitjax.models.plugins`);
   dense weights  - `DenseParams` (a Dense layer's kernel and bias, returned rather than applied);
   MLP and depth  - `MlpBlock`, `DropPath`, `gelu`;
   downsampling   - 'norm_conv', 'conv_norm' and 'patch_merge', registered by name for the
@@ -115,16 +115,6 @@ class DropPath(nn.Module):
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
     return jnp.where(mask, x / keep, 0.0)
-
-
-class AddPositionEmbs(nn.Module):
-  """Adds a learned position table of the input's shape (vit_jax's `posembed_input`)."""
-  init: Callable = nn.initializers.normal(stddev=0.02)
-
-  @nn.compact
-  def __call__(self, x):
-    pe = self.param("pos_embedding", self.init, (1,) + x.shape[1:], x.dtype)
-    return x + pe
 
 
 def module_fields(cls) -> set[str]:

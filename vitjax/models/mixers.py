@@ -17,16 +17,18 @@ from vitjax import kernels
 from vitjax.models.registry import register_mixer
 
 
-def qkv_projections(x, num_heads: int, *, qkv_bias: bool, kernel_init):
-  """The 'query', 'key', 'value' DenseGeneral projections (B, N, D) -> 3 x (B, N, H, D/H).
+def qkv_projections(x, num_heads: int, *, qkv_bias: bool, kernel_init, head_dim: int | None = None):
+  """The 'query', 'key', 'value' DenseGeneral projections (B, N, D) -> 3 x (B, N, H, d), with
+  d = head_dim, by default D/H.
 
   Call it from inside a compact method: the projections become submodules of that module, with
   the parameter names of `nn.MultiHeadDotProductAttention`.
   """
   d_model = x.shape[-1]
-  if d_model % num_heads:
-    raise ValueError(f"width {d_model} is not divisible by num_heads={num_heads}")
-  head_dim = d_model // num_heads
+  if head_dim is None:
+    if d_model % num_heads:
+      raise ValueError(f"width {d_model} is not divisible by num_heads={num_heads}")
+    head_dim = d_model // num_heads
   proj = lambda name: nn.DenseGeneral(  # noqa: E731
       (num_heads, head_dim), use_bias=qkv_bias, kernel_init=kernel_init, name=name)
   return proj("query")(x), proj("key")(x), proj("value")(x)
@@ -44,18 +46,25 @@ class MultiHeadSelfAttention(nn.Module):
 
   The param names equal those of `nn.MultiHeadDotProductAttention`, so big_vision / vit_jax
   checkpoints load unchanged; the math is `vitjax.kernels.attention` (pure jnp by default).
+
+  head_dim: the width of each head (default width / num_heads); a model whose heads do not
+    tile the width (a merged parallel-branch block, `vitjax.models.reparam`) sets it.
+  Takes a token `mask` (B, N) (tokens dropped by masking are no key of any query).
   """
   scope_name: ClassVar[str] = "MultiHeadDotProductAttention_0"
+  accepts_mask: ClassVar[bool] = True
   num_heads: int = 8
+  head_dim: int | None = None
   qkv_bias: bool = True
   attn_impl: str = "xla"
   dropout: float = 0.0
   kernel_init: nn.initializers.Initializer = nn.initializers.xavier_uniform()
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False):
+  def __call__(self, x, *, train: bool = False, mask=None):
     q, k, v = qkv_projections(x, self.num_heads, qkv_bias=self.qkv_bias,
-                              kernel_init=self.kernel_init)     # (B, N, H, d)
-    y = kernels.attention(q, k, v, scale=q.shape[-1] ** -0.5, impl=self.attn_impl)
+                              kernel_init=self.kernel_init, head_dim=self.head_dim)  # (B, N, H, d)
+    key_mask = None if mask is None else mask[:, None, None, :]
+    y = kernels.attention(q, k, v, scale=q.shape[-1] ** -0.5, mask=key_mask, impl=self.attn_impl)
     return out_projection(y, x.shape[-1], kernel_init=self.kernel_init, dropout=self.dropout,
                           train=train)

@@ -3,7 +3,9 @@
 Parameter names follow vit_jax (`embedding`, `cls`, `Transformer/posembed_input/pos_embedding`,
 `Transformer/encoderblock_{i}/...`, `Transformer/encoder_norm`, `head`), so vit_jax and
 big_vision checkpoints map onto it by name. Swap the token mixer with
-`create_model('vit_s16', mixer='urpe')`.
+`create_model('vit_s16', mixer='urpe')`, and take the plug-ins of `vitjax.models.plugins` as
+switches: `create_model('vit_s16', posemb='rpe2d', norm='dtn', token_reduction='ltm',
+reduction_blocks=(4, 8), keep_ratio=0.7)`.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax import choices
-from vitjax.models import layers
+from vitjax.models import layers, plugins
 from vitjax.models.backbone import (Classifier, Encoder, FeatureInfo, Tokens,
                                     check_feature_blocks)
 from vitjax.models.registry import register_model
@@ -44,6 +46,16 @@ class VisionTransformer(Classifier):
   drop_path: float = 0.0
   head_zero_init: bool = True
   feature_blocks: tuple[int, ...] | None = None
+  block_kwargs: Any = None          # extra fields of every block (e.g. a 'vit_parallel' block's)
+  # Plug-ins (vitjax.models.plugins): positions, the blocks' norm, token reduction.
+  posemb: Any = "learn"
+  posemb_kwargs: Any = None
+  norm: Any = "ln"
+  norm_kwargs: Any = None
+  token_reduction: Any = "none"
+  reduction_blocks: tuple[int, ...] = ()
+  keep_ratio: float = 1.0
+  reduction_kwargs: Any = None
 
   def feature_info(self) -> list[FeatureInfo]:
     blocks = check_feature_blocks(self.feature_blocks, self.depth)
@@ -53,6 +65,9 @@ class VisionTransformer(Classifier):
   @nn.compact
   def __call__(self, images, *, train: bool = False, features: bool = False):
     choices.check("pool", self.pool, POOLS)
+    plugins.check_switches(posemb=self.posemb, norm=self.norm,
+                           token_reduction=self.token_reduction,
+                           reduction_blocks=self.reduction_blocks, keep_ratio=self.keep_ratio)
     blocks = check_feature_blocks(self.feature_blocks, self.depth)
     layers.check_images(images, self.patch_size)
     x = layers.patch_conv(self.width, self.patch_size)(images)  # (B, h, w, D)
@@ -63,14 +78,25 @@ class VisionTransformer(Classifier):
       cls = self.param("cls", nn.initializers.zeros, (1, 1, d), x.dtype)
       tokens = tokens.replace(x=jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), tokens.x], 1),
                               num_prefix=1)
-    block_kwargs = dict(mlp_dim=self.mlp_dim, mixer=self.mixer, mixer_kwargs=self.mixer_kwargs)
+    block_kwargs = dict(mlp_dim=self.mlp_dim, mixer=self.mixer, mixer_kwargs=self.mixer_kwargs,
+                        **dict(self.block_kwargs or {}))
+    if self.norm != "ln" or self.norm_kwargs:
+      block_kwargs.update(norm=self.norm, norm_kwargs=self.norm_kwargs)
     shared = dict(num_heads=self.num_heads, attn_impl=self.attn_impl, dropout=self.dropout)
     tokens, taps = Encoder(self.depth, block=self.block, block_kwargs=block_kwargs, shared=shared,
-                           drop_path=self.drop_path, collect=blocks if features else (),
-                           name="Transformer")(tokens, train=train)
+                           drop_path=self.drop_path, posemb=self.posemb,
+                           posemb_kwargs=self.posemb_kwargs, token_reduction=self.token_reduction,
+                           reduction_blocks=self.reduction_blocks, keep_ratio=self.keep_ratio,
+                           reduction_kwargs=self.reduction_kwargs,
+                           collect=blocks if features else (), name="Transformer")(
+                               tokens, train=train)
     if features:
       out.update({f"stage{i + 1}": taps[k].patch_map() for i, k in enumerate(blocks)})
-    x = tokens.x[:, 0] if self.pool == "tok" else tokens.x[:, tokens.num_prefix:].mean(axis=1)
+    if self.pool == "tok":
+      x = tokens.x[:, 0]
+    else:
+      mask = None if tokens.mask is None else tokens.mask[:, tokens.num_prefix:]
+      x = plugins.masked_mean(tokens.x[:, tokens.num_prefix:], mask)
     init = nn.initializers.zeros if self.head_zero_init else nn.initializers.xavier_uniform()
     return self.classify(x, out, features, kernel_init=init)
 
