@@ -91,6 +91,12 @@ class VisionTransformer(Classifier):
                            collect=blocks if features else (), name="Transformer")(
                                tokens, train=train)
     if features:
+      late = [k for k in blocks if taps[k].grid is None]
+      if late:
+        raise ValueError(
+            f"feature_blocks={blocks}: blocks {late} run after a token reducer "
+            f"(token_reduction={self.token_reduction!r} before blocks {tuple(self.reduction_blocks)}), "
+            "whose tokens no longer lie on a grid; choose feature blocks before the first reducer")
       out.update({f"stage{i + 1}": taps[k].patch_map() for i, k in enumerate(blocks)})
     if self.pool == "tok":
       x = tokens.x[:, 0]
