@@ -31,7 +31,6 @@ import math
 from typing import ClassVar
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from vitjax import choices, kernels
 from vitjax.models.mixers import out_projection, qkv_projections

@@ -25,6 +25,12 @@ shared by all blocks):
                              whose rows are the ray frame z = d, x = unit(y_cam x z), y = z x x.
   pinhole_rays(grid, fov)    unit directions (camera frame, OpenCV axes: x right, y down, z
                              forward) through the centres of an h x w grid of tokens.
+
+The convention and the ray frames are those of PRoPE's and UCPE's reference code (a checkout of
+chengzhag/UCPE: `thirdparty/prope/torch.py`, `world_to_ray_mats` in `src/camera_control.py`).
+Its RoPE part differs only in layout: it takes T = R(+p f) (q, k rotated by -p f) and pairs
+channel i with i + n/2 of each axis' n channels; here T = R(-p f), as plain RoPE, and pairs are
+adjacent channels: the same encoding for positions -p, with the channels permuted.
 """
 from __future__ import annotations
 
