@@ -85,6 +85,13 @@ def call_mixer(mixer: nn.Module, x, tokens: Tokens, *, train: bool):
                        "token reducer before it sets (dropping by masking); use a mixer that "
                        "does (e.g. 'mhsa')")
     kwargs["mask"] = tokens.mask
+  positions = tokens.extra.get("positions")
+  if positions is not None:
+    if not getattr(mixer, "accepts_positions", False):
+      raise ValueError(f"mixer {type(mixer).__name__} takes no token positions, which "
+                       "posemb='rpe2d' with kind='rope' puts on the carry; use mixer='prope_attn' "
+                       "(transform='rope2d' or 'ray_rope2d')")
+    kwargs["positions"] = positions
   if getattr(mixer, "needs_grid", False):
     if tokens.grid is None:
       raise ValueError(f"mixer {type(mixer).__name__} needs a 2-D token grid, but the tokens "

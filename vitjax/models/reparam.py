@@ -58,10 +58,14 @@ def check_branches(branches) -> int:
   return branches
 
 
-def check_mixer(mixer) -> None:
+def check_mixer(mixer, mixer_kwargs=None) -> None:
   if getattr(get_mixer(mixer), "func", get_mixer(mixer)) is not MultiHeadSelfAttention:
     raise ValueError(f"mixer={display_name(mixer)!r}: the 'vit_parallel' block merges attention "
                      "branches by concatenating heads, which only 'mhsa' has; allowed values: mhsa")
+  if (mixer_kwargs or {}).get("local_pe"):
+    raise ValueError("mixer_kwargs local_pe=True: each branch's local PE kernel is shared over its own "
+                     "heads, so concatenated heads cannot hold them; the 'vit_parallel' block allows "
+                     "local_pe=False only")
 
 
 @register_block("vit_parallel")
@@ -90,7 +94,7 @@ class ParallelBlock(nn.Module):
   @nn.compact
   def __call__(self, tokens, *, train: bool = False):
     branches = check_branches(self.branches)
-    check_mixer(self.mixer)
+    check_mixer(self.mixer, self.mixer_kwargs)
     x = tokens.x
     y = plugins.make_norm(self.norm, "LayerNorm_0", self.norm_kwargs)(x, tokens=tokens)
     y = sum(call_mixer(self._attention(b), y, tokens, train=train) for b in range(branches))
@@ -149,7 +153,7 @@ def check_model(model) -> int:
   if getattr(get_block(model.block), "func", get_block(model.block)) is not ParallelBlock:
     raise ValueError(f"block={display_name(model.block)!r}: merge needs a ViT whose blocks are "
                      "'vit_parallel' (allowed values: vit_parallel)")
-  check_mixer(model.mixer)
+  check_mixer(model.mixer, model.mixer_kwargs)
   return check_branches(dict(model.block_kwargs or {}).get("branches"))
 
 
