@@ -10,7 +10,8 @@ would. The loop knows no model: what varies per step comes from the schedule, an
 statistics (`batch_stats`) travel in the train state next to the params.
 
 Every config error that needs no data (batch sizes against the device count, data fields, the model
-name and fields, the image size against the model's stride, LookupViT grids) is raised by
+name and fields, the image size against the model's stride, LookupViT grids, the plug-in fields of
+vitjax/train_plugins.py: train and eval resolutions, the REINFORCE policy) is raised by
 `check_config` before any data is read or anything is written, each naming its field. The console
 shows the runner's own lines only (vitjax/console.py).
 """
@@ -32,6 +33,7 @@ from vitjax import console
 from vitjax import data as vdata
 from vitjax import metrics as vmetrics
 from vitjax import optim
+from vitjax import train_plugins
 from vitjax.models import create_model
 from vitjax.models import schedules
 
@@ -55,7 +57,8 @@ def state_variables(state) -> dict:
   return _variables(state["params"], state.get("batch_stats"))
 
 
-def make_train_step(model, tx, *, label_smoothing: float = 0.0):
+def make_train_step(model, tx, *, label_smoothing: float = 0.0,
+                    options: train_plugins.StepOptions | None = None):
   """A pure `train_step(state, batch, key, apply_kwargs=()) -> (state, (loss, norm))`.
 
   `apply_kwargs` is a tuple of (name, value) items (`static_kwargs(schedule.train_kwargs(step))`);
@@ -66,28 +69,59 @@ def make_train_step(model, tx, *, label_smoothing: float = 0.0):
   as one device would. The collection 'aux_loss' is mutable too: whatever a model sows there
   (auxiliary losses, already weighted) is summed into the training loss.
 
+  `options` (`train_plugins.StepOptions.from_config(config)`) adds the plug-ins' training:
+  ResFormer's multi-resolution replicas with their scale-consistency loss, IA-RED²'s REINFORCE
+  loss on what a model sows into 'policy', and the phase that trains only the token reducers
+  (vitjax/train_plugins.py). The defaults leave the step as it was.
+
   The norm of the parameters (and running statistics) is returned so the loop can refuse to
   checkpoint a state that went non-finite even when the loss of the step that produced it was
   still finite.
   """
+  opts = options or train_plugins.StepOptions()
+  sizes = opts.resolutions if len(opts.resolutions) > 1 else ()
+  features = bool(sizes) and opts.scale_consistency > 0
+
   def loss_fn(params, batch_stats, batch, key, kwargs):
-    variables = _variables(params, batch_stats)
-    mutable = ["aux_loss"] if batch_stats is None else ["batch_stats", "aux_loss"]
-    logits, updates = model.apply(variables, batch["image"], train=True, rngs={"dropout": key},
-                                  mutable=mutable, **kwargs)
-    if batch_stats is not None:
-      batch_stats = updates["batch_stats"]
-    labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), label_smoothing)
-    # Auxiliary losses a model sows into 'aux_loss' (e.g. ShiftAddViT's MoE load balancing,
-    # already weighted) are added to the training loss.
-    aux = sum(jnp.sum(x) for x in jax.tree.leaves(updates.get("aux_loss", {})))
-    return optax.softmax_cross_entropy(logits, labels).mean() + aux, batch_stats
+    mutable = ["aux_loss", "policy"] + ([] if batch_stats is None else ["batch_stats"])
+    replicas = [train_plugins.resize_images(batch["image"], s) for s in sizes] or [batch["image"]]
+    total, teacher = 0.0, None
+    for i, images in enumerate(replicas):  # ResFormer: largest side first
+      rng = key if i == 0 else jax.random.fold_in(key, i)
+      out, updates = model.apply(_variables(params, batch_stats), images, train=True,
+                                 rngs={"dropout": rng}, mutable=mutable,
+                                 **({"features": True} if features else {}), **kwargs)
+      logits, feats = out if features else (out, None)
+      if batch_stats is not None:
+        batch_stats = updates["batch_stats"]
+      labels = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]),
+                                   label_smoothing)
+      # Auxiliary losses a model sows into 'aux_loss' (e.g. ShiftAddViT's MoE load balancing,
+      # already weighted) are added to the training loss.
+      aux = sum(jnp.sum(x) for x in jax.tree.leaves(updates.get("aux_loss", {})))
+      loss = optax.softmax_cross_entropy(logits, labels).mean() + aux
+      pairs = train_plugins.policy_pairs(updates.get("policy", {}))
+      if pairs and opts.policy_weight:
+        loss += opts.policy_weight * train_plugins.reinforce_loss(
+            logits, batch["label"], pairs, penalty=opts.penalty)
+      if teacher is not None:
+        loss += opts.scale_consistency * train_plugins.scale_consistency_loss(
+            feats["pre_logits"], teacher)
+      teacher = feats["pre_logits"] if features else None
+      total += loss
+    return total / len(replicas), batch_stats
 
   def train_step(state, batch, key, apply_kwargs=()):
     key = jax.random.fold_in(key, state["step"])
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], state.get("batch_stats"), batch, key, dict(apply_kwargs))
+    if opts.phase1_steps:  # IA-RED² phase 1: only the token reducers learn
+      frozen = state["step"] < opts.phase1_steps
+      trainable = train_plugins.reducer_param_mask(state["params"])
+      grads = train_plugins.freeze_backbone(grads, trainable, frozen)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    if opts.phase1_steps:  # weight decay too
+      updates = train_plugins.freeze_backbone(updates, trainable, frozen)
     params = optax.apply_updates(state["params"], updates)
     new_state = dict(params=params, opt_state=opt_state, step=state["step"] + 1)
     if batch_stats is not None:
@@ -97,16 +131,19 @@ def make_train_step(model, tx, *, label_smoothing: float = 0.0):
   return train_step
 
 
-def make_eval_step(model, normalize=None):
+def make_eval_step(model, normalize=None, image_size: int | None = None):
   """`eval_step(variables, batch, apply_kwargs=()) -> (loss sum, top-1 correct, top-5 correct,
   count)` over the batch's real examples (batch['mask']); BatchNorm layers use their running
   averages (train=False, nothing mutable). Top-5 is top-k with k = min(5, classes).
 
   `normalize` maps the pipeline's [-1, 1] images to what the weights expect (converted weights
-  trained with other mean/std); None keeps them.
+  trained with other mean/std); None keeps them. `image_size` resizes the test images to that
+  side first (`train_plugins.resize_images`, antialiased bicubic); None keeps their size.
   """
   def eval_step(variables, batch, apply_kwargs=()):
     images = batch["image"] if normalize is None else normalize(batch["image"])
+    if image_size is not None:
+      images = train_plugins.resize_images(images, image_size)
     logits = model.apply(variables, images, train=False, **dict(apply_kwargs))
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
@@ -192,9 +229,15 @@ def check_config(config, *, check_batches: bool = True):
   dummy = jax.ShapeDtypeStruct((1, size, size, config.data.channels or 3), jnp.float32)
   for kw in {static_kwargs(kw): kw for kw in settings}.values():
     shapes = jax.eval_shape(functools.partial(model.init, **kw), jax.random.key(0), dummy)
-    if set(shapes) - {"params", "batch_stats"}:
+    # 'aux_loss' and 'policy' are what a step sows (losses, REINFORCE terms), not state.
+    if set(shapes) - {"params", "batch_stats", "aux_loss", "policy"}:
       raise ValueError(f"model_name={config.model_name!r} keeps variable collections "
                        f"{sorted(shapes)}; the runner carries only 'params' and 'batch_stats'")
+  # The plug-in fields; the model is traced at every other train and eval side it will see.
+  variables = {k: v for k, v in shapes.items() if k in ("params", "batch_stats")}
+  for side in train_plugins.check_config(config, stride, variables["params"]):
+    jax.eval_shape(functools.partial(model.apply, **apply_schedule.init_kwargs()), variables,
+                   jax.ShapeDtypeStruct((1, side, side, dummy.shape[-1]), jnp.float32))
   return model, apply_schedule
 
 
@@ -271,27 +314,37 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       console.log("initialised from %s (kept fresh: %s)", config.init_from,
                   config.init_from_skip or "nothing")
 
-  train_step = jax.jit(make_train_step(model, tx, label_smoothing=config.label_smoothing),
+  train_step = jax.jit(make_train_step(model, tx, label_smoothing=config.label_smoothing,
+                                       options=train_plugins.StepOptions.from_config(config)),
                        donate_argnums=(0,), static_argnames=("apply_kwargs",),
                        out_shardings=(repl, repl))
-  eval_step = jax.jit(make_eval_step(model), static_argnames=("apply_kwargs",))
-  macs = {name: gmacs(model, state_variables(state), info.image_shape, kw) for name, kw in evals}
+  # Each eval setting at each test-image side (config.eval_resolutions), one eval step per side.
+  evals, headline = train_plugins.eval_settings(evals, config)
+  sides = {side for _, _, side in evals}
+  eval_steps = {side: jax.jit(make_eval_step(
+      model, image_size=None if side == config.data.image_size else side),
+      static_argnames=("apply_kwargs",)) for side in sides}
+  macs = {name: gmacs(model, state_variables(state), (side, side, info.image_shape[-1]), kw)
+          for name, kw, side in evals}
 
   def evaluate(step):
     row = {}
-    for name, kw in evals:
-      m = eval_pass(eval_step, state_variables(state), config.data,
+    for name, kw, side in evals:
+      m = eval_pass(eval_steps[side], state_variables(state), config.data,
                     batch_size=config.eval_batch_size, apply_kwargs=kw,
                     batch_sharding=batch_sharding)
       row.update({f"eval/loss{name}": m["loss"], f"eval/accuracy{name}": m["accuracy"],
                   f"eval/top5{name}": m["top5"], f"eval/gmacs{name}": macs[name]})
       console.log("eval step %d%s: loss %.4f | top-1 %.4f | top-5 %.4f | %.4f GMACs/image", step,
                   name, m["loss"], m["accuracy"], m["top5"], macs[name])
-    headline = apply_schedule.headline  # The plain keys repeat the schedule's headline setting.
-    if headline:
-      row.update({"eval/loss": row[f"eval/loss{headline}"],
-                  "eval/accuracy": row[f"eval/accuracy{headline}"],
-                  "eval/top5": row[f"eval/top5{headline}"]})
+    # The plain keys repeat the headline setting: the schedule's (LookupViT's largest grid) at
+    # data.image_size.
+    headline_name = apply_schedule.headline + (headline or "")
+    if headline_name:
+      row.update({"eval/loss": row[f"eval/loss{headline_name}"],
+                  "eval/accuracy": row[f"eval/accuracy{headline_name}"],
+                  "eval/top5": row[f"eval/top5{headline_name}"],
+                  "eval/gmacs": row[f"eval/gmacs{headline_name}"]})
     if jax.process_index() == 0:
       writer.write(step, row)
       writer.plot()

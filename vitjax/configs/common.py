@@ -105,6 +105,20 @@ def base_config() -> mlc.ConfigDict:
   c.grid_weights = ()                 # LookupViT: relative sampling weight of each entry of grids;
   #                                     () = uniform
   c.distributed = False               # True: call jax.distributed.initialize() (multi-host)
+  # Plug-in training (vitjax/train_plugins.py); the defaults change nothing.
+  c.train_resolutions = ()            # ResFormer: sides every batch is trained at, the largest being
+  #                                     data.image_size (the others resized in the step); () = off
+  c.scale_consistency = 1.0           # ResFormer: weight lambda of the smooth-L1 scale-consistency
+  #                                     loss between resolutions (the official default)
+  c.eval_resolutions = ()             # test-image sides each eval reports (eval/accuracy@SIDE);
+  #                                     () = data.image_size only
+  c.policy = mlc.ConfigDict(dict(
+      weight=1.0,                     # IA-RED²: weight of the REINFORCE loss of the 'policy' a
+      #                                 model sows (none does unless a reducer samples tokens)
+      penalty=1.0,                    # reward of a wrong prediction is -penalty (BlockDrop's default)
+      phase1_steps=0,                 # first steps train only the tokenreducer_* params (the
+      #                                 interpreters), the backbone frozen; then everything
+  ))
   return c
 
 
