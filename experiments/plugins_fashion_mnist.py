@@ -1,0 +1,175 @@
+"""Issue 14's Fashion-MNIST measurements: the ViT job with one plug-in switched on per run.
+
+    python -m experiments.plugins_fashion_mnist [--jobs=learn,resformer,...] [--out=experiments/plugins]
+    python -m experiments.plugins_fashion_mnist --runlocal --out=SMOKE_OUT --runs=SMOKE_RUNS  # smoke test
+
+Each job is `python -m vitjax.main --config=configs/plugins.py:ARG` (vitjax/configs/plugins.py: the
+model, steps, batch and optimizer of configs/vit.py), started in a fresh workdir as a subprocess and
+timed from start to exit. Jobs:
+
+  learn, resformer, rpe2d   positions; trained at 28 px (resformer at 28, 20 and 16 px with its
+                            scale-consistency loss) and evaluated at 20, 28 and 36 px
+  ltm, iared2, random       a token reducer before block 1 keeping half of the patch tokens
+  iared2_ft                 IA-RED²'s two phases from the learn job's weights: interpreters only,
+                            then jointly (configs/plugins.py:...,finetune); needs the learn job
+  dtn                       DTN in place of every LayerNorm
+
+Writes OUT/plugins_fashion_mnist.json (every job's final eval row, wall time, command),
+OUT/plugins_fashion_mnist.md (the two tables), OUT/accuracy_vs_resolution.png (learn, resformer,
+rpe2d) and OUT/reducers_accuracy_vs_gmacs.png (the reducers next to the plain ViT, the learn job).
+GMACs are multiply-accumulates of one 28 px test image (XLA cost analysis), as the runner logs them.
+Jobs left out of --jobs keep their recorded rows (`--jobs=` redraws the tables from the JSON).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+JOBS = {
+    "learn": "posemb=learn", "resformer": "posemb=resformer", "rpe2d": "posemb=rpe2d",
+    "ltm": "reduction=ltm,keep=0.5", "iared2": "reduction=iared2,keep=0.5",
+    "random": "reduction=random,keep=0.5", "iared2_ft": "reduction=iared2,keep=0.5,finetune",
+    "dtn": "norm=dtn",
+}
+POSITIONS = ("learn", "resformer", "rpe2d")
+REDUCERS = ("ltm", "iared2", "iared2_ft", "random")
+SIDES = (20, 28, 36)
+
+_JOBS = flags.DEFINE_list("jobs", list(JOBS), f"Jobs to run, of {', '.join(JOBS)}.")
+_OUT = flags.DEFINE_string("out", "experiments/plugins", "Where the tables, JSON and plots go.")
+_RUNS = flags.DEFINE_string("runs", "runs/experiments/plugins", "Workdirs (kept out of the repo).")
+_RUNLOCAL = flags.DEFINE_bool("runlocal", False, "Smoke test: every config with `runlocal`.")
+_EXTRA = flags.DEFINE_multi_string("extra", [], "KEY=VALUE: --config.KEY=VALUE for every job, "
+                                   "e.g. --extra=data.eval_split=test[:512] in a smoke test.")
+
+
+def config_arg(job: str) -> str:
+  return JOBS[job] + (",runlocal" if _RUNLOCAL.value else "")
+
+
+def export_params(workdir: str) -> str:
+  """The latest params of a run's workdir as a parameter checkpoint (what config.init_from reads)."""
+  from vitjax import checkpoint  # pylint: disable=g-import-not-at-top
+  variables, step = checkpoint.read_run_variables(os.path.join(workdir, "checkpoints"))
+  out = os.path.join(workdir, "params_final")
+  checkpoint.save_params(out, variables["params"], {"from": workdir, "step": step},
+                         variables.get("batch_stats"))
+  return out
+
+
+def run_job(job: str) -> dict:
+  workdir = os.path.join(_RUNS.value, job)
+  shutil.rmtree(workdir, ignore_errors=True)
+  command = f"python -m vitjax.main --config=configs/plugins.py:{config_arg(job)}"
+  overrides = [f"--config.{e}" for e in _EXTRA.value]
+  if job == "iared2_ft":
+    overrides.append(f"--config.init_from={export_params(os.path.join(_RUNS.value, 'learn'))}")
+    command += " --config.init_from=LEARN_PARAMS"
+  command += "".join(f" --config.{e}" for e in _EXTRA.value)
+  cmd = [sys.executable, "-m", "vitjax.main", f"--config=configs/plugins.py:{config_arg(job)}",
+         f"--workdir={workdir}", *overrides]
+  t0 = time.time()
+  subprocess.run(cmd, check=True)
+  wall = time.time() - t0
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  final = {k: v for r in rows if any(k.startswith("eval/") for k in r) for k, v in r.items()}
+  return {"job": job, "wall_sec": wall, "steps": rows[-1]["step"], "final": final,
+          "command": command}
+
+
+def tables(results: dict) -> str:
+  lines = ["Positions: trained at 28 px, test images resized (antialiased bicubic) to each side.", "",
+           "| job | " + " | ".join(f"accuracy @{s}" for s in SIDES) + " | GMACs @28 | wall time |",
+           "|---|" + "---:|" * (len(SIDES) + 2)]
+  for job in POSITIONS:
+    if job in results:
+      f = results[job]["final"]
+      accs = " | ".join(f"{f[f'eval/accuracy@{s}']:.4f}" if f"eval/accuracy@{s}" in f else "-"
+                        for s in SIDES)
+      lines.append(f"| {job} | {accs} | {f['eval/gmacs']:.4f} | "
+                   f"{results[job]['wall_sec'] / 60:.1f} min |")
+  lines += ["", "Token reducers before block 1, keep 0.5 (GMACs of the eval forward at 28 px).", "",
+            "| job | accuracy | GMACs | GMACs / ViT's | wall time |", "|---|---:|---:|---:|---:|"]
+  ref = results.get("learn", {}).get("final", {}).get("eval/gmacs")
+  for job in ("learn", *REDUCERS, "dtn"):
+    if job in results:
+      f = results[job]["final"]
+      rel = f"{f['eval/gmacs'] / ref:.2f}" if ref else "-"
+      name = "ViT (learn)" if job == "learn" else job
+      lines.append(f"| {name} | {f['eval/accuracy']:.4f} | {f['eval/gmacs']:.4f} | {rel} | "
+                   f"{results[job]['wall_sec'] / 60:.1f} min |")
+  lines += ["", "Commands:", ""] + [f"- {r['job']}: `{r['command']}`" for r in results.values()]
+  return "\n".join(lines)
+
+
+def plots(results: dict, out: str):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  for job in POSITIONS:
+    if job in results:
+      f = results[job]["final"]
+      sides = [s for s in SIDES if f"eval/accuracy@{s}" in f]
+      label = "resformer (trained at 28, 20, 16)" if job == "resformer" else job
+      ax.plot(sides, [f[f"eval/accuracy@{s}"] for s in sides], "o-", label=label)
+  ax.axvline(28, color="grey", lw=0.8, ls=":")
+  ax.set(xlabel="test image side (px); the data's side is 28", xticks=SIDES,
+         ylabel="Fashion-MNIST test accuracy")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "accuracy_vs_resolution.png"), dpi=120)
+  plt.close(fig)
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  for i, job in enumerate(("learn", *REDUCERS)):
+    if job in results:
+      f = results[job]["final"]
+      ax.plot([f["eval/gmacs"] * 1e3], [f["eval/accuracy"]], "s" if job == "learn" else "o",
+              color=f"C{i}", label="ViT (no reduction)" if job == "learn" else job)
+  ax.set(xlabel="MMACs per 28 px image (XLA cost analysis)",
+         ylabel="Fashion-MNIST test accuracy")
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "reducers_accuracy_vs_gmacs.png"), dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  unknown = sorted(set(_JOBS.value) - set(JOBS))
+  if unknown:
+    raise ValueError(f"--jobs: unknown {', '.join(unknown)}; allowed values: {', '.join(JOBS)}")
+  out = _OUT.value
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, "plugins_fashion_mnist.json")
+  results = {}
+  if os.path.exists(path):
+    with open(path) as fh:
+      results = {r["job"]: r for r in json.load(fh)}
+  if _JOBS.value:
+    from vitjax import data  # pylint: disable=g-import-not-at-top
+    from vitjax.configs import common  # pylint: disable=g-import-not-at-top
+    data.dataset_info(common.data_config())  # Build Fashion-MNIST once, outside the timed jobs.
+  # learn first: iared2_ft starts from its weights.
+  for job in sorted(_JOBS.value, key=lambda j: list(JOBS).index(j)):
+    results[job] = run_job(job)
+    with open(path, "w") as fh:   # after every job, so a stopped run keeps what finished
+      json.dump(list(results.values()), fh, indent=1)
+  text = tables(results)
+  print(text)
+  with open(os.path.join(out, "plugins_fashion_mnist.md"), "w") as fh:
+    fh.write(text + "\n")
+  plots(results, out)
+
+
+if __name__ == "__main__":
+  app.run(main)
