@@ -17,8 +17,8 @@ dict with `vitjax.convert.from_official` and prints max|logits_vitjax - logits_o
     block 2 (local_up_to_layer=2), MLP ratio 2, 10 classes. The fixture also holds one pooled
     layer, the official `DTN(8, group_num=2, resolution=(28, 28))` ('dtn_pool': statistics on
     the 2x2-pooled 14 x 14 grid), its perturbed weights ('pool/state/<key>'), input
-    ('pool/input', (2, 784, 8)) and output ('pool/output'). Writes tests/golden/dtn_vit_ti16_star.npz
-    in the layout of experiments/golden/make.py's fixtures.
+    ('pool/input', (2, 784, 8)) and output ('pool/output'). Writes
+    tests/golden/dtn_vit_ti16_star.npz in the layout of experiments/golden/make.py's fixtures.
   * --full: `vit_norm_ti_star(norm_type='dtn')` at 224 px (batch 2), 5,710,792 parameters.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ For tokens X (B, T, C) on an h x w grid, split into H heads of C/H channels (as 
        P^h[i, j] = softmax_i(w_h . [dx, dy, dx^2 + dy^2] + b_h),  (dx, dy) = pos_j - pos_i
      (w, b: a Linear 3 -> H, `pos_proj`; pos = (column, row) on the grid)
   3. per-head mixing with lambda_h = sigmoid(lambda_mean_h), lambda'_h = sigmoid(lambda_var_h):
-       mu = lambda mu_LN + (1 - lambda) mu_IN,   sigma2 = lambda' sigma2_LN + (1 - lambda') sigma2_IN
+       mu = lambda mu_LN + (1 - lambda) mu_IN,  sigma2 = lambda' sigma2_LN + (1 - lambda') sigma2_IN
   4. y = gamma (X - mu) / sqrt(sigma2 + eps) + beta.
 With lambda = lambda' = 1 this is LayerNorm of the RMS-prenormalised tokens (with one head and
 ddof = 0, LayerNorm itself up to eps). `only_var` (the official 'dtn_var') takes mu = mu_LN.

@@ -121,8 +121,8 @@ def layer_from_official(state, *, pool_size: int = 14, eps: float = 1e-5):
     raise ValueError(f"Not an official DTN layer state dict: unknown keys {unknown}, missing "
                      f"keys {missing}; allowed keys: {sorted(allowed)}")
   params = {ours: mapping.to_numpy(state[k]) for k, ours in _LAYER_KEYS.items() if k in state}
-  params["pos_proj"] = {"kernel": np.ascontiguousarray(mapping.to_numpy(state["pos_proj.weight"]).T),
-                        "bias": mapping.to_numpy(state["pos_proj.bias"])}
+  kernel = np.ascontiguousarray(mapping.to_numpy(state["pos_proj.weight"]).T)     # (3, H)
+  params["pos_proj"] = {"kernel": kernel, "bias": mapping.to_numpy(state["pos_proj.bias"])}
   layer = DynamicTokenNorm(num_heads=params["lambda_var"].shape[0], eps=eps, pool_size=pool_size,
                            only_var="lambda_mean" not in params)
   return layer, {"params": params}
