@@ -19,4 +19,9 @@ from vitjax.models import sret  # noqa: F401  (registers 'sliced_group_attn', th
 from vitjax.models import crossvit  # noqa: F401  (registers 'cls_cross_attn', the 'crossvit' block)
 from vitjax.models import pvt  # noqa: F401  (ShiftAddViT: 'shiftadd_attn', 'shift_mlp', its PVTv2 models)
 from vitjax.models import token_reduction  # noqa: F401  (token_reduction='random', ...)
+from vitjax.models import dtn  # noqa: F401  (norm='dtn', vit_ti16_star_dtn)
+from vitjax.models import reparam  # noqa: F401  (the 'vit_parallel' block, merge)
+from vitjax.models import resformer  # noqa: F401  (posemb='resformer', resformer_*_patch16)
+from vitjax.models import rpe2d  # noqa: F401  (posemb='rpe2d')
+from vitjax.models import group_pe  # noqa: F401  (registers 'prope_attn')
 from vitjax.models.registry import create_model, list_mixers, list_models  # noqa: F401

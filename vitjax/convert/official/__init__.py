@@ -28,6 +28,10 @@ fixtures in tests/golden/ were made with are stored in each fixture):
                                                                   t2t_vit_t_{14,19,24}
   soft         fudan-zvg/SOFT, models/softmax_free_vision_transformer.py
                                                                   soft_{tiny,small,medium,large,huge}
+  resformer    ruitian12/resformer, image_classification/models.py
+                                                                  resformer_{tiny,small,base}_patch16
+  dtn          wqshao126/DTN, models/vit_norm_mix.py (+ normkit/norms/dtn.py)
+                                                                  vit_ti16_star_dtn
 
 Layout differences the rules undo: torch Linear (out, in) -> Flax kernel (in, out); Conv2d
 (O, I, kh, kw) -> (kh, kw, I, O); a 1x1 Conv2d -> a Dense kernel; a depthwise Conv2d (C, 1, k, k)
@@ -46,15 +50,16 @@ import jax.numpy as jnp
 from vitjax import choices
 from vitjax.convert import mapping
 from vitjax.convert.mapping import Converted
-from vitjax.convert.official import cswin, cvt, hornet, rmt, sret, spectformer, t2t
-from vitjax.convert.official import soft
+from vitjax.convert.official import cswin, cvt, dtn, hornet, resformer, rmt, soft, sret
+from vitjax.convert.official import spectformer, t2t
 from vitjax.convert.official.family import Family
 from vitjax.models.registry import create_model
 
 # The table. A family added here is all from_official needs.
 FAMILIES: dict[str, Family] = {
     f.name: f for f in (hornet.FAMILY, spectformer.FAMILY, cvt.FAMILY, rmt.FAMILY, cswin.FAMILY,
-                        t2t.FAMILY, sret.FAMILY, soft.FAMILY)}
+                        t2t.FAMILY, sret.FAMILY, soft.FAMILY, resformer.FAMILY,
+                        dtn.FAMILY)}
 
 
 
