@@ -241,6 +241,11 @@ def test_bad_policy_fields_name_the_field(fmnist):
   c.policy.phase1_steps, c.policy.penalty = 0, -1.0
   with pytest.raises(ValueError, match=r"config\.policy\.penalty=-1\.0"):
     train.check_config(c)
+  c.policy.penalty = 1.0
+  c.train_resolutions = (16, 8)   # pre_logits after a gathering reducer: no features there
+  c.model.update(token_reduction="random", reduction_blocks=(0,), keep_ratio=0.5)
+  with pytest.raises(ValueError, match=r"config\.scale_consistency=1\.0 compares the pre_logits"):
+    train.check_config(c)
   with pytest.raises(ValueError, match="finetune.*needs reduction=iared2"):
     plugins_config.get_config("reduction=ltm,finetune")
   with pytest.raises(ValueError, match="Unknown posemb='sincos'"):

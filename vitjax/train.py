@@ -238,6 +238,16 @@ def check_config(config, *, check_batches: bool = True):
   for side in train_plugins.check_config(config, stride, variables["params"]):
     jax.eval_shape(functools.partial(model.apply, **apply_schedule.init_kwargs()), variables,
                    jax.ShapeDtypeStruct((1, side, side, dummy.shape[-1]), jnp.float32))
+  opts = train_plugins.StepOptions.from_config(config)
+  if len(opts.resolutions) > 1 and opts.scale_consistency > 0:  # the step reads pre_logits
+    try:
+      jax.eval_shape(functools.partial(model.apply, features=True,
+                                       **apply_schedule.init_kwargs()), variables, dummy)
+    except ValueError as e:
+      raise ValueError(f"config.scale_consistency={opts.scale_consistency} compares the "
+                       f"pre_logits of apply(..., features=True), which model_name="
+                       f"{config.model_name!r} cannot give here: {e}; set "
+                       "config.scale_consistency=0 to train at several sides without it") from None
   return model, apply_schedule
 
 
