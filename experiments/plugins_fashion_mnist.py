@@ -32,14 +32,17 @@ import time
 from absl import app
 from absl import flags
 
+KEEPS = (0.5, 0.7)        # keep ratios of the token reducers (the first is the plain job name's)
+REDUCERS = tuple(f"{r}{'' if k == KEEPS[0] else f'@{k}'}" for r in ("ltm", "iared2", "random")
+                 for k in KEEPS) + ("iared2_ft",)
 JOBS = {
     "learn": "posemb=learn", "resformer": "posemb=resformer", "rpe2d": "posemb=rpe2d",
-    "ltm": "reduction=ltm,keep=0.5", "iared2": "reduction=iared2,keep=0.5",
-    "random": "reduction=random,keep=0.5", "iared2_ft": "reduction=iared2,keep=0.5,finetune",
+    **{job: f"reduction={job.split('@')[0]},keep={job.split('@')[1] if '@' in job else KEEPS[0]}"
+       for job in REDUCERS if job != "iared2_ft"},
+    "iared2_ft": "reduction=iared2,keep=0.5,finetune",
     "dtn": "norm=dtn",
 }
 POSITIONS = ("learn", "resformer", "rpe2d")
-REDUCERS = ("ltm", "iared2", "iared2_ft", "random")
 SIDES = (20, 28, 36)
 
 _JOBS = flags.DEFINE_list("jobs", list(JOBS), f"Jobs to run, of {', '.join(JOBS)}.")

@@ -46,6 +46,10 @@ def get_config(arg=None):
     c.eval_resolutions = EVAL_RESOLUTIONS
   if arg.posemb != "learn":
     c.model.posemb = arg.posemb
+  if arg.posemb == "rpe2d":
+    # RPE-2D's range L: twice the 7x7 training grid, so every eval grid (up to 9x9 at 36 px) is
+    # inside the trained range.
+    c.model.posemb_kwargs = dict(range=14)
   if arg.posemb == "resformer":
     c.model.mixer_kwargs = dict(local_pe=True)
     c.train_resolutions = RESFORMER_RESOLUTIONS
