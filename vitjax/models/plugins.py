@@ -25,6 +25,7 @@ import numpy as np
 
 from vitjax import choices
 from vitjax.models import layers
+from vitjax.models.registry import register_in
 from vitjax.ops import crossvit as crossvit_ops
 from vitjax.ops import resize
 
@@ -33,25 +34,16 @@ NORMS: dict[str, type] = {}
 REDUCERS: dict[str, type] = {}
 
 
-def _register(table: dict, kind: str, name: str) -> Callable:
-  def wrap(obj):
-    if name in table:
-      raise ValueError(f"{kind} {name!r} is registered twice")
-    table[name] = obj
-    return obj
-  return wrap
-
-
 def register_posemb(name: str):
-  return _register(POSEMBS, "posemb", name)
+  return register_in(POSEMBS, "posemb", name)
 
 
 def register_norm(name: str):
-  return _register(NORMS, "norm", name)
+  return register_in(NORMS, "norm", name)
 
 
 def register_reducer(name: str):
-  return _register(REDUCERS, "token_reduction", name)
+  return register_in(REDUCERS, "token_reduction", name)
 
 
 def _get(table: dict, field: str, value):

@@ -32,7 +32,9 @@ BLOCKS: dict[str, type] = {}
 DOWNSAMPLES: dict[str, type] = {}
 
 
-def _register(table: dict, kind: str, name: str):
+def register_in(table: dict, kind: str, name: str):
+  """Decorator registering an object under `name` in `table` (an error when taken); the plug-in
+  registries of `vitjax.models.plugins` use it too."""
   def wrap(obj):
     if name in table:
       raise ValueError(f"{kind} {name!r} is registered twice")
@@ -43,22 +45,22 @@ def _register(table: dict, kind: str, name: str):
 
 def register_model(name: str):
   """Decorator: registers a factory `fn(**overrides) -> nn.Module` under `name`."""
-  return _register(MODELS, "model", name)
+  return register_in(MODELS, "model", name)
 
 
 def register_mixer(name: str):
   """Decorator: registers a token-mixer Linen class under `name`."""
-  return _register(MIXERS, "mixer", name)
+  return register_in(MIXERS, "mixer", name)
 
 
 def register_block(name: str):
   """Decorator: registers a block Linen class under `name`."""
-  return _register(BLOCKS, "block", name)
+  return register_in(BLOCKS, "block", name)
 
 
 def register_downsample(name: str):
   """Decorator: registers a downsampling layer (Linen class taking `width` first) under `name`."""
-  return _register(DOWNSAMPLES, "downsample", name)
+  return register_in(DOWNSAMPLES, "downsample", name)
 
 
 def _lookup(table: dict, kind: str, field: str, name):
