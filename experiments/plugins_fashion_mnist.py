@@ -9,7 +9,8 @@ timed from start to exit. Jobs:
 
   learn, resformer, rpe2d   positions; trained at 28 px (resformer at 28, 20 and 16 px with its
                             scale-consistency loss) and evaluated at 20, 28 and 36 px
-  ltm, iared2, random       a token reducer before block 1 keeping half of the patch tokens
+  ltm, iared2, random       a token reducer before block 1 keeping half of the patch tokens;
+                            ltm@0.7, iared2@0.7, random@0.7 keep 70% of them
   iared2_ft                 IA-RED²'s two phases from the learn job's weights: interpreters only,
                             then jointly (configs/plugins.py:...,finetune); needs the learn job
   dtn                       DTN in place of every LayerNorm
@@ -89,24 +90,30 @@ def run_job(job: str) -> dict:
 
 def tables(results: dict) -> str:
   lines = ["Positions: trained at 28 px, test images resized (antialiased bicubic) to each side.", "",
-           "| job | " + " | ".join(f"accuracy @{s}" for s in SIDES) + " | GMACs @28 | wall time |",
-           "|---|" + "---:|" * (len(SIDES) + 2)]
+           "| job | " + " | ".join(f"accuracy @{s}" for s in SIDES)
+           + " | loss 28 -> 36 (points) | GMACs @28 | wall time |",
+           "|---|" + "---:|" * (len(SIDES) + 3)]
   for job in POSITIONS:
     if job in results:
       f = results[job]["final"]
       accs = " | ".join(f"{f[f'eval/accuracy@{s}']:.4f}" if f"eval/accuracy@{s}" in f else "-"
                         for s in SIDES)
-      lines.append(f"| {job} | {accs} | {f['eval/gmacs']:.4f} | "
+      drop = (f"{100 * (f['eval/accuracy@28'] - f['eval/accuracy@36']):.2f}"
+              if "eval/accuracy@36" in f else "-")
+      lines.append(f"| {job} | {accs} | {drop} | {f['eval/gmacs']:.4f} | "
                    f"{results[job]['wall_sec'] / 60:.1f} min |")
-  lines += ["", "Token reducers before block 1, keep 0.5 (GMACs of the eval forward at 28 px).", "",
-            "| job | accuracy | GMACs | GMACs / ViT's | wall time |", "|---|---:|---:|---:|---:|"]
+  lines += ["", "Token reducers before block 1 at two keep ratios, and DTN, next to the plain ViT "
+            "(accuracy and GMACs of the eval forward at 28 px).", "",
+            "| job | keep | accuracy | GMACs | GMACs / ViT's | wall time |",
+            "|---|---:|---:|---:|---:|---:|"]
   ref = results.get("learn", {}).get("final", {}).get("eval/gmacs")
   for job in ("learn", *REDUCERS, "dtn"):
     if job in results:
       f = results[job]["final"]
       rel = f"{f['eval/gmacs'] / ref:.2f}" if ref else "-"
       name = "ViT (learn)" if job == "learn" else job
-      lines.append(f"| {name} | {f['eval/accuracy']:.4f} | {f['eval/gmacs']:.4f} | {rel} | "
+      keep = "-" if job in ("learn", "dtn") else job.split("@")[1] if "@" in job else KEEPS[0]
+      lines.append(f"| {name} | {keep} | {f['eval/accuracy']:.4f} | {f['eval/gmacs']:.4f} | {rel} | "
                    f"{results[job]['wall_sec'] / 60:.1f} min |")
   lines += ["", "Commands:", ""] + [f"- {r['job']}: `{r['command']}`" for r in results.values()]
   return "\n".join(lines)
