@@ -23,19 +23,12 @@ half the bytes), runs a fixed input in eval mode, converts the state dict with
 """
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-GOLDEN = os.path.join(ROOT, "tests", "golden")
+from experiments.golden import common
+
 REPOSITORY = "microsoft/CSWin-Transformer"
 FILE = "models/cswin.py"
 
@@ -48,46 +41,9 @@ OFFICIAL = {"cswin_tiny_224": "CSWin_64_12211_tiny_224",
             "cswin_base_224": "CSWin_96_24322_base_224"}
 
 
-def import_official(path: str):
-  """torch and the official module (timm needs the tests' torchvision shim on a CPU torch)."""
-  sys.path.insert(0, ROOT)
-  from tests import torch_compat  # pylint: disable=g-import-not-at-top
-  torch_compat.import_timm()
-  import torch  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location("official_cswin", path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules["official_cswin"] = module        # timm's register_model looks the module up
-  spec.loader.exec_module(module)
-  return torch, module
-
-
-def perturb(torch, model, seed: int):
-  """Seeded values for every parameter, away from the init, rounded to float16 precision."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for _, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if p.numel() == 1 or float(p.std()) < 1e-6:        # norm weights, biases
-        p.add_(0.2 * noise)
-      else:
-        fan_in = p.numel() // p.shape[0]
-        p.add_(max(0.5 * float(p.std()), 0.5 / fan_in ** 0.5) * noise)
-      p.copy_(p.half().float())
-
-
-def compare(fixture: dict) -> float:
-  """max|logits_vitjax - logits_official| after `from_official` (what tests/test_cswin.py does)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vitjax import convert  # pylint: disable=g-import-not-at-top
-  state = {k[len("state/"):]: v for k, v in fixture.items() if k.startswith("state/")}
-  model, variables, _ = convert.from_official(state, str(fixture["model"]),
-                                              **json.loads(str(fixture["overrides"])))
-  logits = jax.jit(model.apply)(variables, fixture["images"].astype(np.float32))
-  return float(np.abs(np.asarray(logits) - fixture["logits"]).max())
-
-
-def run(path: str, commit: str, *, full: bool, seed: int = 0) -> dict:
-  torch, official = import_official(path)
+def run(root: str, commit: str, *, full: bool, seed: int = 0, out_dir: str = common.GOLDEN) -> dict:
+  torch, _ = common.import_torch_and_timm()
+  official = common.load_module(f"{root}/{FILE}", "official_cswin")
   torch.manual_seed(seed)
   if full:
     model, size, overrides = official.CSWin_64_12211_tiny_224(), 224, {}
@@ -95,7 +51,7 @@ def run(path: str, commit: str, *, full: bool, seed: int = 0) -> dict:
     model, size, overrides = official.CSWinTransformer(**REDUCED), REDUCED["img_size"], dict(
         REDUCED_OVERRIDES)
   model.eval()
-  perturb(torch, model, seed + 1)
+  common.perturb(model, seed + 1)
   images = np.random.default_rng(seed + 2).standard_normal((2, 3, size, size))
   images = images.astype(np.float16).astype(np.float32)
   with torch.no_grad():
@@ -103,49 +59,24 @@ def run(path: str, commit: str, *, full: bool, seed: int = 0) -> dict:
   state = {k: v.detach().cpu().numpy().astype(np.float16) for k, v in model.state_dict().items()}
   fixture = {f"state/{k}": v for k, v in state.items()}
   fixture.update(images=images.transpose(0, 2, 3, 1).astype(np.float16), logits=logits,
-                 commit=np.array(commit), repository=np.array(REPOSITORY),
-                 source_file=np.array(FILE),
-                 official=np.array("CSWin_64_12211_tiny_224" if full else "CSWinTransformer"),
-                 model=np.array("cswin_tiny_224"), overrides=np.array(json.dumps(overrides)))
+                 **common.metadata(commit=commit, repository=REPOSITORY, source_file=FILE,
+                                   official="CSWin_64_12211_tiny_224" if full else
+                                   "CSWinTransformer", model="cswin_tiny_224",
+                                   overrides=overrides))
   out = {"model": "cswin_tiny_224", "full": full, "input": [2, 3, size, size],
-         "params": sum(p.numel() for p in model.parameters()),
-         "max_abs_logit": float(np.abs(logits).max()), "max_abs_diff": compare(fixture)}
+         "params": common.param_count(model),
+         "max_abs_logit": float(np.abs(logits).max()), "max_abs_diff": common.compare(fixture)}
   if full:
-    out["official_params"] = {name: sum(p.numel() for p in getattr(official, ctor)().parameters())
+    out["official_params"] = {name: common.param_count(getattr(official, ctor)())
                               for name, ctor in OFFICIAL.items()}
   else:
-    os.makedirs(GOLDEN, exist_ok=True)
-    path = os.path.join(GOLDEN, "cswin_tiny_224.npz")
-    np.savez_compressed(path, **fixture)
-    out.update(fixture=os.path.relpath(path, ROOT), bytes=os.path.getsize(path))
+    common.save(fixture, "cswin_tiny_224.npz", out, out_dir)
   print(json.dumps(out))
   return out
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repo", help="a checkout of microsoft/CSWin-Transformer")
-  parser.add_argument("--git-dir", help="its git directory (bare or not), read with git show")
-  parser.add_argument("--commit", default="HEAD", help="with --git-dir: the commit to read")
-  parser.add_argument("--full", action="store_true", help="full-size comparison; writes nothing")
-  args = parser.parse_args(argv)
-  if bool(args.repo) == bool(args.git_dir):
-    parser.error("give exactly one of --repo and --git-dir")
-  git = ["git", "-C", args.repo] if args.repo else ["git", f"--git-dir={args.git_dir}"]
-  rev = args.commit if args.git_dir else "HEAD"
-  commit = subprocess.run(git + ["rev-parse", f"{rev}^{{commit}}"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-  if args.repo:
-    run(os.path.join(args.repo, FILE), commit, full=args.full)
-    return
-  source = subprocess.run(git + ["show", f"{commit}:{FILE}"], check=True, capture_output=True,
-                          text=True).stdout
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, "cswin.py")
-    with open(path, "w") as f:
-      f.write(source)
-    run(path, commit, full=args.full)
+  common.main(__doc__, REPOSITORY, [FILE], run, argv)
 
 
 if __name__ == "__main__":

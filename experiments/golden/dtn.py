@@ -1,6 +1,7 @@
 """Golden fixture for DTN from the authors' code (wqshao126/DTN; DESIGN.md, decision 12).
 
     python -m experiments.golden.dtn --repo=/path/to/DTN            # reduced: writes the fixture
+    python -m experiments.golden.dtn --git-dir=/path/to/repo.git --commit=f6b4337  # from git
     python -m experiments.golden.dtn --repo=/path/to/DTN --full     # full size: writes nothing
 
 Imports the official package `models` of the checkout (models/vit_norm_mix.py, whose
@@ -23,22 +24,23 @@ dict with `vitjax.convert.from_official` and prints max|logits_vitjax - logits_o
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-GOLDEN = os.path.join(ROOT, "tests", "golden")
+from experiments.golden import common
+
 REPOSITORY = "wqshao126/DTN"
 FILE = "models/vit_norm_mix.py, models/normkit/norms/dtn.py"
 MODEL = "vit_ti16_star_dtn"
 FIXTURE = "dtn_vit_ti16_star.npz"
+# The package `models` of the repository (what a --git-dir run copies out).
+FILES = tuple(f"models/{f}.py" for f in (
+    "__init__", "pvt_norm", "vit_norm", "vit_norm_mix", "normkit/norm_select", "normkit/norms/dtn",
+    "normkit/norms/us_groupnorm", "normkit/norms/us_instancenorm", "normkit/norms/us_layernorm",
+    "normkit/norms/us_powernorm", "normkit/norms/us_scalenorm"))
 
 REDUCED = dict(img_size=56, patch_size=4, embed_dim=16, depth=3, num_heads=4, mlp_ratio=2.0,
                num_classes=10, local_up_to_layer=2, norm_type="dtn")
@@ -47,29 +49,18 @@ POOL_LAYER = dict(num_features=8, group_num=2, resolution=(28, 28))
 
 def import_official(repo: str):
   """torch and the official package `models` (timm through the tests' torchvision shim)."""
-  sys.path.insert(0, ROOT)
-  from tests import torch_compat  # pylint: disable=g-import-not-at-top
-  torch_compat.import_timm()
-  import torch  # pylint: disable=g-import-not-at-top
+  torch, _ = common.import_torch_and_timm()
   sys.path.insert(0, repo)
   return torch, importlib.import_module("models.vit_norm_mix"), importlib.import_module(
       "models.normkit.norms.dtn")
 
 
-def perturb(torch, module, seed: int):
-  """Seeded values for every parameter, away from the init, rounded to float16 precision."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if name.endswith("norm_weight"):                     # DTN's lambda logits, 0 at init
-        p.copy_(1.5 * noise)
-      elif p.numel() == 1 or float(p.std()) < 1e-6:        # norm weights, biases
-        p.add_(0.2 * noise)
-      else:
-        fan_in = p.numel() // p.shape[0]
-        p.add_(max(0.5 * float(p.std()), 0.5 / fan_in ** 0.5) * noise)
-      p.copy_(p.half().float())
+def perturb(module, seed: int):
+  """common.perturb, with DTN's mixing logits (`mean_norm_weight`, `var_norm_weight`, 0 at init)
+  drawn from N(0, 1.5) so that lambda ranges over (0, 1)."""
+  common.perturb(module, seed,
+                 rule=lambda name, p, noise, gen: 1.5 * noise if name.endswith("norm_weight")
+                 else None)
 
 
 def _state(module) -> dict:
@@ -79,15 +70,9 @@ def _state(module) -> dict:
 def compare(fixture: dict) -> dict:
   """max|vitjax - official| of the logits after `from_official` and, when the fixture has one,
   of the pooled layer (what tests/test_dtn.py and tests/test_official.py check)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vitjax import convert  # pylint: disable=g-import-not-at-top
   from vitjax.convert.official import dtn as dtn_convert  # pylint: disable=g-import-not-at-top
   from vitjax.models.backbone import Tokens  # pylint: disable=g-import-not-at-top
-  state = {k[len("state/"):]: v for k, v in fixture.items() if k.startswith("state/")}
-  model, variables, _ = convert.from_official(state, str(fixture["model"]),
-                                              **json.loads(str(fixture["overrides"])))
-  logits = jax.jit(model.apply)(variables, fixture["images"].astype(np.float32))
-  out = {"max_abs_diff": float(np.abs(np.asarray(logits) - fixture["logits"]).max())}
+  out = {"max_abs_diff": common.compare(fixture)}
   if "pool/input" in fixture:
     layer_state = {k[len("pool/state/"):]: v for k, v in fixture.items()
                    if k.startswith("pool/state/")}
@@ -99,7 +84,7 @@ def compare(fixture: dict) -> dict:
   return out
 
 
-def run(repo: str, commit: str, *, full: bool, seed: int = 0) -> dict:
+def run(repo: str, commit: str, *, full: bool, seed: int = 0, out_dir: str = common.GOLDEN) -> dict:
   torch, official, norms = import_official(repo)
   torch.manual_seed(seed)
   if full:
@@ -107,20 +92,19 @@ def run(repo: str, commit: str, *, full: bool, seed: int = 0) -> dict:
   else:
     model, size = official.VisionTransformer(**REDUCED), REDUCED["img_size"]
   model.eval()
-  perturb(torch, model, seed + 1)
+  perturb(model, seed + 1)
   rng = np.random.default_rng(seed + 2)
   images = rng.standard_normal((2, 3, size, size)).astype(np.float16).astype(np.float32)
   with torch.no_grad():
     logits = model(torch.from_numpy(images)).numpy()
   fixture = {f"state/{k}": v for k, v in _state(model).items()}
   fixture.update(images=images.transpose(0, 2, 3, 1).astype(np.float16), logits=logits,
-                 commit=np.array(commit), repository=np.array(REPOSITORY),
-                 source_file=np.array(FILE),
-                 official=np.array("vit_norm_ti_star" if full else "VisionTransformer"),
-                 model=np.array(MODEL), overrides=np.array(json.dumps({})))
+                 **common.metadata(commit=commit, repository=REPOSITORY, source_file=FILE,
+                                   official="vit_norm_ti_star" if full else "VisionTransformer",
+                                   model=MODEL, overrides={}))
   if not full:
     layer = norms.DTN(**POOL_LAYER).eval()
-    perturb(torch, layer, seed + 3)
+    perturb(layer, seed + 3)
     h, w = POOL_LAYER["resolution"]
     x = rng.standard_normal((2, h * w, POOL_LAYER["num_features"])).astype(np.float16)
     with torch.no_grad():
@@ -128,27 +112,16 @@ def run(repo: str, commit: str, *, full: bool, seed: int = 0) -> dict:
     fixture.update({f"pool/state/{k}": v for k, v in _state(layer).items()})
     fixture.update({"pool/input": x, "pool/output": y, "pool/grid": np.array([h, w])})
   out = {"model": MODEL, "full": full, "input": [2, 3, size, size],
-         "params": sum(p.numel() for p in model.parameters()),
+         "params": common.param_count(model),
          "max_abs_logit": float(np.abs(logits).max()), **compare(fixture)}
   if not full:
-    os.makedirs(GOLDEN, exist_ok=True)
-    path = os.path.join(GOLDEN, FIXTURE)
-    np.savez_compressed(path, **fixture)
-    out.update(fixture=os.path.relpath(path, ROOT), bytes=os.path.getsize(path))
+    common.save(fixture, FIXTURE, out, out_dir)
   print(json.dumps(out))
   return out
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repo", required=True, help="a checkout of wqshao126/DTN")
-  parser.add_argument("--full", action="store_true", help="full-size comparison; writes nothing")
-  args = parser.parse_args(argv)
-  repo = os.path.abspath(args.repo)
-  commit = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-  run(repo, commit, full=args.full)
+  common.main(__doc__, REPOSITORY, FILES, run, argv)
 
 
 if __name__ == "__main__":

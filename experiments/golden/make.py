@@ -33,9 +33,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-GOLDEN = os.path.join(ROOT, "tests", "golden")
+from experiments.golden import common
+from experiments.golden.common import GOLDEN, import_torch_and_timm, load_module, perturb
 
 
 class Case(NamedTuple):
@@ -48,67 +47,15 @@ class Case(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
-# Common machinery.
-
-def import_torch_and_timm():
-  """torch and timm; on a CPU torch next to a CUDA torchvision wheel, timm needs the tests' shim."""
-  sys.path.insert(0, ROOT)
-  from tests import torch_compat  # pylint: disable=g-import-not-at-top
-  timm = torch_compat.import_timm()
-  import torch  # pylint: disable=g-import-not-at-top
-  return torch, timm
-
-
-def load_module(path: str, name: str):
-  """Imports one official file as module `name` (its directory first on sys.path)."""
-  sys.path.insert(0, os.path.dirname(path))
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  return module
-
+# Recording one case (the shared machinery is experiments/golden/common.py).
 
 def commit_of(repo: str) -> str:
   return subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], check=True,
                         capture_output=True, text=True).stdout.strip()
 
 
-def perturb(model, seed: int):
-  """Seeded random values for every parameter and BatchNorm statistic, away from the init.
-
-  Layer-scale gammas (1e-6 at init) become U(0.5, 1); constant tensors (norm weights, biases)
-  get N(0, 0.2) noise around their value; spectral filters ('complex_weight') become N(0, 0.5);
-  other tensors get noise of std max(0.5 std, 0.5 / sqrt(fan_in)), so that activations stay
-  O(1) through the net and every input shows in the logits. BatchNorm running means become
-  N(0, 0.2), variances U(0.5, 1.5). Other buffers (derived tables) are left alone. Every value
-  is then rounded to float16 precision (and kept float32), so the fixture stores it in half the
-  bytes without changing what the official model computed.
-  """
-  import torch  # pylint: disable=g-import-not-at-top
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      leaf = name.rsplit(".", 1)[-1]
-      if "gamma" in leaf:
-        p.copy_(0.5 + 0.5 * torch.rand(p.shape, generator=gen))
-      elif leaf == "complex_weight":
-        p.copy_(0.5 * noise)
-      elif p.numel() == 1 or float(p.std()) < 1e-6:
-        p.add_(0.2 * noise)
-      else:
-        fan_in = p.numel() // p.shape[0]
-        p.add_(max(0.5 * float(p.std()), 0.5 / fan_in ** 0.5) * noise)
-      p.copy_(p.half().float())
-    for name, b in model.named_buffers():
-      if name.endswith("running_mean"):
-        b.copy_((0.2 * torch.randn(b.shape, generator=gen)).half().float())
-      elif name.endswith("running_var"):
-        b.copy_((0.5 + torch.rand(b.shape, generator=gen)).half().float())
-
-
-def run_case(case: Case, *, repo: str, file: str, full: bool, seed: int = 0) -> dict:
+def run_case(case: Case, *, repo: str, file: str, full: bool, seed: int = 0,
+             out_dir: str = GOLDEN) -> dict:
   import torch  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
   model = case.build().eval()
@@ -118,40 +65,24 @@ def run_case(case: Case, *, repo: str, file: str, full: bool, seed: int = 0) -> 
   with torch.no_grad():
     logits = model(torch.from_numpy(images)).numpy()
   state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-  count = sum(p.numel() for p in model.parameters())
+  count = common.param_count(model)
   # Parameters and BatchNorm statistics hold float16 values (see `perturb`); derived buffers keep
   # float32.
   half = {n for n, _ in model.named_parameters()} | {
       n for n, _ in model.named_buffers() if n.endswith(("running_mean", "running_var"))}
   fixture = {f"state/{k}": v.astype(np.float16) if k in half else v for k, v in state.items()}
   fixture.update(images=images.transpose(0, 2, 3, 1).astype(np.float16), logits=logits,
-                 commit=np.array(commit_of(repo)), repository=np.array(REPOS[case_family(case)]),
-                 source_file=np.array(file), official=np.array(case.official),
-                 model=np.array(case.model), overrides=np.array(json.dumps(case.overrides)))
-  diff = compare(fixture)
+                 **common.metadata(commit=commit_of(repo), repository=REPOS[case_family(case)],
+                                   source_file=file, official=case.official, model=case.model,
+                                   overrides=case.overrides))
+  diff = common.compare(fixture)
   out = {"model": case.model, "official": case.official, "params": count,
          "input": list(case.input_shape), "max_abs_logit": float(np.abs(logits).max()),
          "max_abs_diff": diff}
   if not full:
-    os.makedirs(GOLDEN, exist_ok=True)
-    path = os.path.join(GOLDEN, f"{case.model}.npz")
-    np.savez_compressed(path, **fixture)
-    out["fixture"] = os.path.relpath(path, ROOT)
-    out["bytes"] = os.path.getsize(path)
+    common.save(fixture, f"{case.model}.npz", out, out_dir)
   print(json.dumps(out))
   return out
-
-
-def compare(fixture: dict) -> float:
-  """max|logits_vitjax - logits_official| after `from_official` (what the tests check)."""
-  sys.path.insert(0, ROOT)
-  import jax  # pylint: disable=g-import-not-at-top
-  from vitjax import convert  # pylint: disable=g-import-not-at-top
-  state = {k[len("state/"):]: v for k, v in fixture.items() if k.startswith("state/")}
-  model, variables, _ = convert.from_official(state, str(fixture["model"]),
-                                              **json.loads(str(fixture["overrides"])))
-  logits = jax.jit(model.apply)(variables, fixture["images"].astype(np.float32))
-  return float(np.abs(np.asarray(logits) - fixture["logits"]).max())
 
 
 REPOS = {"hornet": "raoyongming/HorNet", "spectformer": "badripatro/SpectFormers",
@@ -293,12 +224,13 @@ def main(argv=None):
   parser.add_argument("--repo", required=True, help="a checkout of the official repository")
   parser.add_argument("--full", action="store_true", help="full-size comparison; writes nothing")
   parser.add_argument("--only", default=None, help="comma-separated vitjax model names")
+  parser.add_argument("--out", default=GOLDEN, help="where the reduced fixtures go")
   args = parser.parse_args(argv)
   cases, file = FAMILIES[args.family](os.path.abspath(args.repo), args.full)
   only = None if args.only is None else set(args.only.split(","))
   for case in cases:
     if only is None or case.model in only:
-      run_case(case, repo=args.repo, file=file, full=args.full)
+      run_case(case, repo=args.repo, file=file, full=args.full, out_dir=args.out)
 
 
 if __name__ == "__main__":

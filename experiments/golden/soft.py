@@ -36,16 +36,14 @@ import argparse
 import importlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import types
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-GOLDEN = os.path.join(ROOT, "tests", "golden")
+from experiments.golden import common
+
 REPOSITORY = "fudan-zvg/SOFT"
 FILE = "models/softmax_free_vision_transformer.py"
 SOURCES = ("models/__init__.py", "models/softmax_free_vision_transformer.py",
@@ -78,29 +76,9 @@ REDUCED_OVERRIDES = dict(num_heads=[2, 2, 2, 3])
 OFFICIAL = ("soft_tiny", "soft_small", "soft_medium", "soft_large", "soft_huge")
 
 
-def read_sources(repo: str | None, git_dir: str | None, commit: str) -> tuple[dict, str]:
-  """{path: text} of the official files and the commit id, from a checkout or a git dir."""
-  git = ["git", "-C", repo] if repo else ["git", f"--git-dir={git_dir}"]
-  rev = "HEAD" if repo else commit
-  commit = subprocess.run(git + ["rev-parse", f"{rev}^{{commit}}"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-  out = {}
-  for path in SOURCES:
-    if repo:
-      with open(os.path.join(repo, path)) as f:
-        out[path] = f.read()
-    else:
-      out[path] = subprocess.run(git + ["show", f"{commit}:{path}"], check=True,
-                                 capture_output=True, text=True).stdout
-  return out, commit
-
-
 def import_official(sources: dict, tmp: str):
   """torch and the CPU-patched official model module, imported from a copy under `tmp`."""
-  sys.path.insert(0, ROOT)
-  from tests import torch_compat  # pylint: disable=g-import-not-at-top
-  torch_compat.import_timm()
-  import torch  # pylint: disable=g-import-not-at-top
+  torch, _ = common.import_torch_and_timm()
   sources = dict(sources)
   for path, old, new, count in CPU_PATCH:
     found = sources[path].count(old)
@@ -130,10 +108,7 @@ def build(official, torch, name: str | None):
 def vitjax_logits_and_grad(fixture: dict, weights, *, float64: bool):
   """vitjax's logits and d(sum weights * logits)/d(images) (NHWC) after `from_official`."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vitjax import convert  # pylint: disable=g-import-not-at-top
-  state = {k[len("state/"):]: v for k, v in fixture.items() if k.startswith("state/")}
-  model, variables, _ = convert.from_official(state, str(fixture["model"]),
-                                              **json.loads(str(fixture["overrides"])))
+  model, variables = common.from_fixture(fixture)
   dtype = np.float64 if float64 else np.float32
   variables = jax.tree.map(lambda x: np.asarray(x, dtype), variables)
   images = fixture["images"].astype(dtype)
@@ -143,9 +118,8 @@ def vitjax_logits_and_grad(fixture: dict, weights, *, float64: bool):
   return np.asarray(logits), np.asarray(grad)
 
 
-def run(sources: dict, commit: str, *, full: bool, float64: bool, seed: int = 0) -> dict:
-  sys.path.insert(0, ROOT)
-  from experiments.golden import make  # pylint: disable=g-import-not-at-top  (its `perturb`)
+def run(sources: dict, commit: str, *, full: bool, float64: bool, seed: int = 0,
+        out_dir: str = common.GOLDEN) -> dict:
   if float64:
     import jax  # pylint: disable=g-import-not-at-top
     jax.config.update("jax_enable_x64", True)
@@ -153,22 +127,22 @@ def run(sources: dict, commit: str, *, full: bool, float64: bool, seed: int = 0)
     torch, official = import_official(sources, tmp)
     torch.manual_seed(seed)
     model = build(official, torch, "soft_tiny" if full else None).eval()
-    make.perturb(model, seed + 1)
+    common.perturb(model, seed + 1)
     shape = (2, 3, 224, 224) if full else REDUCED_INPUT
     images = np.random.default_rng(seed + 2).standard_normal(shape).astype(np.float16)
     weights = np.random.default_rng(seed + 3).standard_normal((2, model.num_classes))
     state = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     out = {"model": "soft_tiny", "full": full, "input": list(shape), "commit": commit,
-           "params": sum(p.numel() for p in model.parameters())}
-    official_counts = {n: sum(p.numel() for p in build(official, torch, n).parameters())
+           "params": common.param_count(model)}
+    official_counts = {n: common.param_count(build(official, torch, n))
                        for n in OFFICIAL} if full else None
     fixture = {f"state/{k}": v.astype(np.float16) if v.dtype == np.float32 else v
                for k, v in state.items()}
-    fixture.update(images=images.transpose(0, 2, 3, 1), commit=np.array(commit),
-                   repository=np.array(REPOSITORY), source_file=np.array(FILE),
-                   official=np.array("soft_tiny" if full else "SoftmaxFreeVisionTransformer"),
-                   model=np.array("soft_tiny"),
-                   overrides=np.array(json.dumps({} if full else REDUCED_OVERRIDES)))
+    fixture.update(images=images.transpose(0, 2, 3, 1),
+                   **common.metadata(commit=commit, repository=REPOSITORY, source_file=FILE,
+                                     official="soft_tiny" if full else
+                                     "SoftmaxFreeVisionTransformer", model="soft_tiny",
+                                     overrides={} if full else REDUCED_OVERRIDES))
     for dtype in ("float32", "float64") if float64 else ("float32",):
       tdtype = getattr(torch, dtype)
       torch.set_default_dtype(tdtype)      # the official code builds its ones / eye in it
@@ -188,10 +162,7 @@ def run(sources: dict, commit: str, *, full: bool, float64: bool, seed: int = 0)
   if full:
     out["official_params"] = official_counts
   else:
-    os.makedirs(GOLDEN, exist_ok=True)
-    path = os.path.join(GOLDEN, "soft_tiny.npz")
-    np.savez_compressed(path, **fixture)
-    out.update(fixture=os.path.relpath(path, ROOT), bytes=os.path.getsize(path))
+    common.save(fixture, "soft_tiny.npz", out, out_dir)
   print(json.dumps(out))
   return out
 
@@ -199,16 +170,11 @@ def run(sources: dict, commit: str, *, full: bool, float64: bool, seed: int = 0)
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repo", help="a checkout of fudan-zvg/SOFT")
-  parser.add_argument("--git-dir", help="its git directory (bare or not), read with git show")
-  parser.add_argument("--commit", default="HEAD", help="with --git-dir: the commit to read")
-  parser.add_argument("--full", action="store_true", help="full-size comparison; writes nothing")
+  common.add_source_flags(parser, REPOSITORY)
   parser.add_argument("--float64", action="store_true", help="also compare in float64")
   args = parser.parse_args(argv)
-  if bool(args.repo) == bool(args.git_dir):
-    parser.error("give exactly one of --repo and --git-dir")
-  sources, commit = read_sources(args.repo, args.git_dir, args.commit)
-  run(sources, commit, full=args.full, float64=args.float64)
+  sources, commit = common.read_sources(args, SOURCES)
+  run(sources, commit, full=args.full, float64=args.float64, out_dir=args.out)
 
 
 if __name__ == "__main__":

@@ -30,19 +30,13 @@ output's 'permuted_passes') so a fixture that never permuted cannot pass unnotic
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-GOLDEN = os.path.join(ROOT, "tests", "golden")
+from experiments.golden import common
+
 REPOSITORY = "szq0214/SReT"
 FILE = "SReT.py"
 
@@ -52,14 +46,6 @@ REDUCED = dict(image_size=64, patch_size=16, stride=8, base_dims=[4, 4, 4], dept
 # create_model fields the weights do not show (the rest is read off the state dict).
 REDUCED_OVERRIDES = dict(num_heads=[2, 4, 8], groups1=[8, 4, 1], groups2=[2, 2, 1])
 OFFICIAL = {"sret_t": "SReT_T", "sret_lt": "SReT_LT", "sret_s": "SReT_S"}
-
-
-def import_official(path: str):
-  """torch and the official module (timm needs the tests' torchvision shim on a CPU torch)."""
-  sys.path.insert(0, ROOT)
-  from experiments.golden import make  # pylint: disable=g-import-not-at-top
-  torch, _ = make.import_torch_and_timm()
-  return torch, make.load_module(path, "official_sret")
 
 
 @contextlib.contextmanager
@@ -79,21 +65,9 @@ def fixed_randperm(torch, calls: list):
     torch.randperm = original
 
 
-def compare(fixture: dict) -> float:
-  """max|logits_vitjax - logits_official| after `from_official` (what tests/test_official.py
-  does)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vitjax import convert  # pylint: disable=g-import-not-at-top
-  state = {k[len("state/"):]: v for k, v in fixture.items() if k.startswith("state/")}
-  model, variables, _ = convert.from_official(state, str(fixture["model"]),
-                                              **json.loads(str(fixture["overrides"])))
-  logits = jax.jit(model.apply)(variables, fixture["images"].astype(np.float32))
-  return float(np.abs(np.asarray(logits) - fixture["logits"]).max())
-
-
-def run(path: str, commit: str, *, full: bool, seed: int = 0) -> dict:
-  torch, official = import_official(path)
-  from experiments.golden import make  # pylint: disable=g-import-not-at-top
+def run(root: str, commit: str, *, full: bool, seed: int = 0, out_dir: str = common.GOLDEN) -> dict:
+  torch, _ = common.import_torch_and_timm()
+  official = common.load_module(f"{root}/{FILE}", "official_sret")
   torch.manual_seed(seed)
   if full:
     model, size, overrides, ctor = official.SReT_T(), 224, {}, "SReT_T"
@@ -101,7 +75,7 @@ def run(path: str, commit: str, *, full: bool, seed: int = 0) -> dict:
     model, size, overrides, ctor = (official.SReT(**REDUCED), REDUCED["image_size"],
                                     dict(REDUCED_OVERRIDES), "SReT")
   model.eval()
-  make.perturb(model, seed + 1)
+  common.perturb(model, seed + 1)
   # Noise plus a per-image, per-channel offset: two noise images alone look alike after the
   # global average pooling before the head.
   rng = np.random.default_rng(seed + 2)
@@ -114,51 +88,25 @@ def run(path: str, commit: str, *, full: bool, seed: int = 0) -> dict:
   fixture = {f"state/{k}": v if k.endswith("num_batches_tracked") else v.astype(np.float16)
              for k, v in state.items()}
   fixture.update(images=images.transpose(0, 2, 3, 1).astype(np.float16), logits=logits,
-                 commit=np.array(commit), repository=np.array(REPOSITORY),
-                 source_file=np.array(FILE), official=np.array(ctor),
-                 model=np.array("sret_t"), overrides=np.array(json.dumps(overrides)))
+                 **common.metadata(commit=commit, repository=REPOSITORY, source_file=FILE,
+                                   official=ctor, model="sret_t", overrides=overrides))
   out = {"model": "sret_t", "official": ctor, "full": full, "input": [2, 3, size, size],
-         "params": sum(p.numel() for p in model.parameters()),
+         "params": common.param_count(model),
          "permuted_passes": calls, "max_abs_logit": float(np.abs(logits).max()),
-         "max_abs_diff": compare(fixture)}
+         "max_abs_diff": common.compare(fixture)}
   if not calls:
     raise RuntimeError("the official model drew no permutation; the fixture would not test it")
   if full:
-    out["official_params"] = {name: sum(p.numel() for p in getattr(official, c)().parameters())
+    out["official_params"] = {name: common.param_count(getattr(official, c)())
                               for name, c in OFFICIAL.items()}
   else:
-    os.makedirs(GOLDEN, exist_ok=True)
-    path = os.path.join(GOLDEN, "sret_t.npz")
-    np.savez_compressed(path, **fixture)
-    out.update(fixture=os.path.relpath(path, ROOT), bytes=os.path.getsize(path))
+    common.save(fixture, "sret_t.npz", out, out_dir)
   print(json.dumps(out))
   return out
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repo", help="a checkout of szq0214/SReT")
-  parser.add_argument("--git-dir", help="its git directory (bare or not), read with git show")
-  parser.add_argument("--commit", default="HEAD", help="with --git-dir: the commit to read")
-  parser.add_argument("--full", action="store_true", help="full-size comparison; writes nothing")
-  args = parser.parse_args(argv)
-  if bool(args.repo) == bool(args.git_dir):
-    parser.error("give exactly one of --repo and --git-dir")
-  git = ["git", "-C", args.repo] if args.repo else ["git", f"--git-dir={args.git_dir}"]
-  rev = args.commit if args.git_dir else "HEAD"
-  commit = subprocess.run(git + ["rev-parse", f"{rev}^{{commit}}"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-  if args.repo:
-    run(os.path.join(args.repo, FILE), commit, full=args.full)
-    return
-  source = subprocess.run(git + ["show", f"{commit}:{FILE}"], check=True, capture_output=True,
-                          text=True).stdout
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, FILE)
-    with open(path, "w") as f:
-      f.write(source)
-    run(path, commit, full=args.full)
+  common.main(__doc__, REPOSITORY, [FILE], run, argv)
 
 
 if __name__ == "__main__":

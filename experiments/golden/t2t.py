@@ -30,17 +30,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import types
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-GOLDEN = os.path.join(ROOT, "tests", "golden")
+from experiments.golden import common
+
 REPOSITORY = "yitu-opensource/T2T-ViT"
 FILES = ("models/t2t_vit.py", "models/token_performer.py", "models/token_transformer.py",
          "models/transformer_block.py")
@@ -58,10 +54,7 @@ REDUCED = {
 def import_official(models_dir: str):
   """torch and the official `t2t_vit` module, imported as a package from `models_dir` without
   running its __init__ (which imports the other variants)."""
-  sys.path.insert(0, ROOT)
-  from tests import torch_compat  # pylint: disable=g-import-not-at-top
-  torch_compat.import_timm()
-  import torch  # pylint: disable=g-import-not-at-top
+  torch, _ = common.import_torch_and_timm()
   package = types.ModuleType("official_t2t")
   package.__path__ = [models_dir]
   sys.modules["official_t2t"] = package
@@ -70,7 +63,8 @@ def import_official(models_dir: str):
 
 def perturb(torch, model, seed: int):
   """Seeded values for every trained parameter, away from the init, rounded to float16; the
-  random features only rounded, the sinusoid table left as it is."""
+  random features only rounded, the sinusoid table left as it is (common.perturb's rules for
+  the trained ones, without its noise draw for the frozen two)."""
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -88,19 +82,8 @@ def perturb(torch, model, seed: int):
       p.copy_(p.half().float())
 
 
-def compare(fixture: dict) -> float:
-  """max|logits_vitjax - logits_official| after `from_official` (what tests/test_official.py
-  checks)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from vitjax import convert  # pylint: disable=g-import-not-at-top
-  state = {k[len("state/"):]: v for k, v in fixture.items() if k.startswith("state/")}
-  model, variables, _ = convert.from_official(state, str(fixture["model"]),
-                                              **json.loads(str(fixture["overrides"])))
-  logits = jax.jit(model.apply)(variables, fixture["images"].astype(np.float32))
-  return float(np.abs(np.asarray(logits) - fixture["logits"]).max())
-
-
-def run(models_dir: str, commit: str, *, full: bool, models, seed: int = 0) -> list[dict]:
+def run(models_dir: str, commit: str, *, full: bool, models, seed: int = 0,
+        out_dir: str = common.GOLDEN) -> list[dict]:
   torch, official = import_official(models_dir)
   results = []
   for name in models:
@@ -120,19 +103,17 @@ def run(models_dir: str, commit: str, *, full: bool, models, seed: int = 0) -> l
     fixture = {f"state/{k}": v if k == "pos_embed" else v.astype(np.float16)
                for k, v in state.items()}
     fixture.update(images=images.transpose(0, 2, 3, 1).astype(np.float16), logits=logits,
-                   commit=np.array(commit), repository=np.array(REPOSITORY),
-                   source_file=np.array(", ".join(FILES)), official=np.array(ctor),
-                   model=np.array(name), overrides=np.array(json.dumps(overrides)))
+                   **common.metadata(commit=commit, repository=REPOSITORY,
+                                     source_file=", ".join(FILES), official=ctor, model=name,
+                                     overrides=overrides))
     params = list(model.named_parameters())
     out = {"model": name, "official": ctor, "full": full, "input": [2, 3, size, size],
            "params": sum(p.numel() for _, p in params),
            "trainable": sum(p.numel() for _, p in params if p.requires_grad),
-           "max_abs_logit": float(np.abs(logits).max()), "max_abs_diff": compare(fixture)}
+           "max_abs_logit": float(np.abs(logits).max()),
+           "max_abs_diff": common.compare(fixture)}
     if not full:
-      os.makedirs(GOLDEN, exist_ok=True)
-      path = os.path.join(GOLDEN, f"{name}.npz")
-      np.savez_compressed(path, **fixture)
-      out.update(fixture=os.path.relpath(path, ROOT), bytes=os.path.getsize(path))
+      common.save(fixture, f"{name}.npz", out, out_dir)
     print(json.dumps(out), flush=True)
     results.append(out)
   return results
@@ -141,36 +122,18 @@ def run(models_dir: str, commit: str, *, full: bool, models, seed: int = 0) -> l
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--repo", help="a checkout of yitu-opensource/T2T-ViT")
-  parser.add_argument("--git-dir", help="its git directory (bare or not), read with git show")
-  parser.add_argument("--commit", default="HEAD", help="with --git-dir: the commit to read")
-  parser.add_argument("--full", action="store_true", help="full-size comparison; writes nothing")
+  common.add_source_flags(parser, REPOSITORY)
   parser.add_argument("--models", default=None,
                       help="comma-separated vitjax names (default: t2t_vit_7 and t2t_vit_t_14 "
                            "reduced, t2t_vit_7 and t2t_vit_14 full size)")
   args = parser.parse_args(argv)
-  if bool(args.repo) == bool(args.git_dir):
-    parser.error("give exactly one of --repo and --git-dir")
   default = "t2t_vit_7,t2t_vit_14" if args.full else ",".join(REDUCED)
   models = [m for m in (args.models or default).split(",") if m]
   unknown = [m for m in models if not args.full and m not in REDUCED]
   if unknown:
     parser.error(f"--models: no reduced model for {unknown}; allowed: {', '.join(REDUCED)}")
-  git = ["git", "-C", args.repo] if args.repo else ["git", f"--git-dir={args.git_dir}"]
-  rev = args.commit if args.git_dir else "HEAD"
-  commit = subprocess.run(git + ["rev-parse", f"{rev}^{{commit}}"], check=True,
-                          capture_output=True, text=True).stdout.strip()
-  if args.repo:
-    run(os.path.join(args.repo, "models"), commit, full=args.full, models=models)
-    return
-  with tempfile.TemporaryDirectory() as tmp:
-    os.makedirs(os.path.join(tmp, "models"))
-    for file in FILES:
-      source = subprocess.run(git + ["show", f"{commit}:{file}"], check=True,
-                              capture_output=True, text=True).stdout
-      with open(os.path.join(tmp, file), "w") as f:
-        f.write(source)
-    run(os.path.join(tmp, "models"), commit, full=args.full, models=models)
+  with common.official_files(args, FILES) as (root, commit):
+    run(f"{root}/models", commit, full=args.full, models=models, out_dir=args.out)
 
 
 if __name__ == "__main__":
