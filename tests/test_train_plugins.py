@@ -1,6 +1,6 @@
 """The runner's plug-ins (vitjax/train_plugins.py): ResFormer's multi-resolution loss, evals at
-other test-image sides, IA-RED²'s REINFORCE loss and its interpreter-only phase, the config
-errors, and every configs/plugins.py variant whose plug-ins are registered."""
+other test-image sides, IA-RED²'s REINFORCE loss and its interpreter-only phase, LTM's
+information bottleneck (k-means, Q, the repository's bound, its schedule), the config errors, and every configs/plugins.py variant whose plug-ins are registered."""
 import json
 import os
 
@@ -218,6 +218,131 @@ def test_phase1_trains_only_the_interpreters(stand_in):
 
 
 # ---------------------------------------------------------------------------------------------
+# LTM's information bottleneck as its repository trains it.
+
+def _kmeans_reference(x, init, iters):
+  """Lloyd's rounds written out: nearest centroid by a loop, empty clusters left in place."""
+  c = x[init].copy()
+  for _ in range(iters):
+    a = np.array([np.argmin([np.sum((xi - cj) ** 2) for cj in c]) for xi in x])
+    c = np.stack([x[a == j].mean(0) if np.any(a == j) else c[j] for j in range(len(c))])
+  return c
+
+
+def test_kmeans_is_lloyd():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(60, 5)) + 3 * rng.normal(size=(4, 5))[rng.integers(0, 4, 60)]
+  key = jax.random.key(1)
+  init = np.asarray(jax.random.choice(key, 60, (4,), replace=False))
+  c = jax.jit(train_plugins.kmeans, static_argnames=("k", "iters"))(
+      jnp.asarray(x, jnp.float32), k=4, iters=6, key=key)
+  ref = _kmeans_reference(x, init, 6)
+  assert not np.allclose(ref, x[init], atol=1e-2)     # the rounds moved the centroids
+  np.testing.assert_allclose(np.asarray(c), ref, atol=1e-5)
+
+
+def test_class_cluster_q_is_the_per_class_mean():
+  rng = np.random.default_rng(1)
+  score = np.asarray(jax.nn.softmax(rng.normal(size=(12, 4)), -1))
+  labels = rng.integers(0, 4, 12)            # class 4 of 5 has no sample
+  q = np.asarray(train_plugins.class_cluster_q(jnp.asarray(score),
+                                               jax.nn.one_hot(labels, 5)))
+  for c in range(5):
+    expected = score[labels == c].mean(0) if np.any(labels == c) else np.full(4, 0.25)
+    np.testing.assert_allclose(q[:, c], expected, rtol=1e-6)
+
+
+def _ib_reference(images, pre_logits, labels, c_in, c_out, q, beta):
+  """LabelSmoothingCrossEntropy_IB.get_IB_Loss on get_clust_score's scores (the LTM repository),
+  written out in float64."""
+  def scores(feat, centroids):
+    f = feat.reshape(len(feat), -1).astype(np.float64)
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    s = -beta * np.stack([np.sum((f - c) ** 2, -1) for c in centroids], 1)
+    e = np.exp(s - s.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+  s_in, s_out = scores(images, c_in), scores(pre_logits, c_out)
+  t = np.eye(q.shape[1])[labels]
+  term_1 = np.einsum("na,nb->n", s_out, s_in * np.log(s_in))
+  term_2 = np.einsum("na,nc,ac->n", s_out, t, np.log(q))
+  return np.mean(term_1 - term_2)
+
+
+def _ib_arrays(rng, pixels, width, k, classes, on=1.0):
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+  q = np.asarray(jax.nn.softmax(rng.normal(size=(k, classes)), 0))
+  return dict(c_in=jnp.asarray(unit(rng.normal(size=(k, pixels))), jnp.float32),
+              c_out=jnp.asarray(unit(rng.normal(size=(k, width))), jnp.float32),
+              q=jnp.asarray(q, jnp.float32), on=jnp.asarray(on, jnp.float32))
+
+
+def test_ib_loss_is_the_repository_bound_and_differentiable():
+  rng = np.random.default_rng(2)
+  images = rng.normal(size=(6, 4, 4, 1))
+  z = jnp.asarray(rng.normal(size=(6, 8)), jnp.float32)
+  labels = jnp.asarray([0, 1, 2, 0, 1, 2])
+  arrays = _ib_arrays(rng, 16, 8, 3, 3)
+  f = jax.jit(lambda x, z, arrays: train_plugins.ib_loss(x, z, labels, arrays, beta=2.0))
+  x = jnp.asarray(images, jnp.float32)
+  ref = _ib_reference(images, np.asarray(z), np.asarray(labels),
+                      *(np.asarray(arrays[k], np.float64) for k in ("c_in", "c_out", "q")), 2.0)
+  np.testing.assert_allclose(float(f(x, z, arrays)), ref, rtol=1e-5)
+  assert float(f(x, z, dict(arrays, on=jnp.zeros(())))) == 0.0      # the warm-up
+  jax.test_util.check_grads(lambda z: f(x, z, arrays), (z,), order=1, modes=["rev"],
+                            eps=1e-2, atol=2e-3, rtol=2e-2)
+
+
+def test_step_adds_the_weighted_ib_term():
+  model = vitjax.create_model("vit_nano4", num_classes=3, **TINY_VIT)
+  rng = np.random.default_rng(3)
+  images = jnp.asarray(rng.normal(size=(8, 16, 16, 1)), jnp.float32)
+  batch = {"image": images, "label": jnp.arange(8) % 3}
+  params = _random_params(model, images, seed=5)
+  tx = optax.sgd(0.0)
+  step = train.make_train_step(model, tx, options=train_plugins.StepOptions(ib_weight=0.4))
+  loss = jax.jit(lambda s, b, k, ib: step(s, b, k, ib=ib)[1][0])
+  arrays = _ib_arrays(rng, 256, 16, 3, 3)
+  on, off = (float(loss(_state(params, tx), batch, jax.random.key(0), dict(arrays, on=v)))
+             for v in (jnp.ones(()), jnp.zeros(())))
+  _, feats = model.apply({"params": params}, images, features=True)
+  term = train_plugins.ib_loss(images, feats["pre_logits"], batch["label"], arrays, beta=1.0)
+  assert abs(float(term)) > 1e-3
+  np.testing.assert_allclose(on - off, 0.4 * float(term), rtol=1e-4, atol=1e-6)
+
+
+def test_information_bottleneck_refreshes_on_schedule():
+  rng = np.random.default_rng(4)
+  images = rng.normal(size=(20, 4, 4, 1)).astype(np.float32)
+  options = train_plugins.IBOptions(weight=0.1, warmup=0.5, refresh_steps=3, kmeans_iters=3)
+  ib = train_plugins.InformationBottleneck(
+      options, images=images, labels=np.arange(20) % 4, num_classes=4,
+      features=lambda v, x: v * x.reshape(len(x), -1)[:, :6], total_steps=10, steps_per_epoch=7,
+      seed=0)
+  assert ib.c_in.shape == (4, 16)
+  refreshed = [step for step in range(1, 11) if ib.update(step, 2.0, batch_size=8)]
+  assert refreshed == [1, 6, 9]       # the first step, the end of the warm-up, every 3 after
+  assert ib.c_out.shape == (4, 6) and ib.q.shape == (4, 4)
+  np.testing.assert_allclose(np.asarray(ib.q).sum(0), 1.0, rtol=1e-5)   # Q[:, c] = p(a | c)
+  assert [float(ib.arrays(s)["on"]) for s in (5, 6)] == [0.0, 1.0]
+
+
+def test_runner_trains_with_the_ib_term(fmnist, tmp_path, monkeypatch):
+  c = tiny_config(fmnist, total_steps=4, eval_every_steps=4, checkpoint_every_steps=4,
+                  log_every_steps=2)
+  c.ib.update(weight=0.1, warmup=0.5, samples=32, refresh_steps=1)
+  updates = []
+  real = train_plugins.InformationBottleneck.update
+
+  def spy(self, step, variables, batch_size):
+    updates.append((step, self.due(step)))
+    return real(self, step, variables, batch_size)
+  monkeypatch.setattr(train_plugins.InformationBottleneck, "update", spy)
+  row = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert np.isfinite(row["eval/loss"])
+  assert updates == [(1, True), (3, True), (4, True)]   # step 1, then every step from 3 on
+
+
+# ---------------------------------------------------------------------------------------------
 # Config errors and the issue-14 configs.
 
 @pytest.mark.parametrize("overrides, match", [
@@ -244,12 +369,30 @@ def test_bad_policy_fields_name_the_field(fmnist):
   c.policy.penalty = 1.0
   c.train_resolutions = (16, 8)   # pre_logits after a gathering reducer: no features there
   c.model.update(token_reduction="random", reduction_blocks=(0,), keep_ratio=0.5)
-  with pytest.raises(ValueError, match=r"config\.scale_consistency=1\.0 compares the pre_logits"):
+  with pytest.raises(ValueError, match=r"config\.scale_consistency=1\.0 uses the pre_logits"):
+    train.check_config(c)
+  c.train_resolutions = ()
+  c.ib.weight = 0.1                # LTM's IB term reads the pre_logits too
+  with pytest.raises(ValueError, match=r"config\.ib\.weight=0\.1 uses the pre_logits"):
     train.check_config(c)
   with pytest.raises(ValueError, match="finetune.*needs reduction=iared2"):
     plugins_config.get_config("reduction=ltm,finetune")
   with pytest.raises(ValueError, match="Unknown posemb='sincos'"):
     plugins_config.get_config("posemb=sincos")
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("weight", -0.1, r"config\.ib\.weight=-0\.1: allowed values are finite numbers >= 0"),
+    ("warmup", 1.0, r"config\.ib\.warmup=1\.0: allowed values are fractions"),
+    ("samples", 1, r"config\.ib\.samples=1: allowed values are integers >= 2"),
+    ("kmeans_iters", 0, r"config\.ib\.kmeans_iters=0: allowed values are integers >= 1"),
+    ("clusters", 4, r"config\.ib\.clusters: unknown field; allowed fields are weight, "),
+])
+def test_bad_ib_fields_name_the_field(field, value, match):
+  c = plugins_config.get_config("reduction=ltm")
+  c.ib[field] = value
+  with pytest.raises(ValueError, match=match):
+    train_plugins.check_config(c, 4, {})
 
 
 VARIANTS = ["posemb=learn", "posemb=resformer", "posemb=rpe2d", "reduction=ltm,keep=0.5",

@@ -71,8 +71,9 @@ def make_train_step(model, tx, *, label_smoothing: float = 0.0,
 
   `options` (`train_plugins.StepOptions.from_config(config)`) adds the plug-ins' training:
   ResFormer's multi-resolution replicas with their scale-consistency loss, IA-RED²'s REINFORCE
-  loss on what a model sows into 'policy', and the phase that trains only the token reducers
-  (vitjax/train_plugins.py). The defaults leave the step as it was.
+  loss on what a model sows into 'policy', the phase that trains only the token reducers, and
+  LTM's IB term, whose centroids and Q the loop passes as `ib` (`InformationBottleneck.arrays`;
+  vitjax/train_plugins.py). The defaults leave the step as it was.
 
   The norm of the parameters (and running statistics) is returned so the loop can refuse to
   checkpoint a state that went non-finite even when the loss of the step that produced it was
@@ -80,9 +81,9 @@ def make_train_step(model, tx, *, label_smoothing: float = 0.0,
   """
   opts = options or train_plugins.StepOptions()
   sizes = opts.resolutions if len(opts.resolutions) > 1 else ()
-  features = bool(sizes) and opts.scale_consistency > 0
+  features = bool(sizes) and opts.scale_consistency > 0 or opts.ib_weight > 0
 
-  def loss_fn(params, batch_stats, batch, key, kwargs):
+  def loss_fn(params, batch_stats, batch, key, kwargs, ib):
     mutable = ["aux_loss", "policy"] + ([] if batch_stats is None else ["batch_stats"])
     replicas = [train_plugins.resize_images(batch["image"], s) for s in sizes] or [batch["image"]]
     total, teacher = 0.0, None
@@ -107,14 +108,17 @@ def make_train_step(model, tx, *, label_smoothing: float = 0.0,
       if teacher is not None:
         loss += opts.scale_consistency * train_plugins.scale_consistency_loss(
             feats["pre_logits"], teacher)
+      if i == 0 and opts.ib_weight:   # LTM's IB term, at the data's side
+        loss += opts.ib_weight * train_plugins.ib_loss(batch["image"], feats["pre_logits"],
+                                                       batch["label"], ib, beta=opts.ib_beta)
       teacher = feats["pre_logits"] if features else None
       total += loss
     return total / len(replicas), batch_stats
 
-  def train_step(state, batch, key, apply_kwargs=()):
+  def train_step(state, batch, key, apply_kwargs=(), ib=None):
     key = jax.random.fold_in(key, state["step"])
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state.get("batch_stats"), batch, key, dict(apply_kwargs))
+        state["params"], state.get("batch_stats"), batch, key, dict(apply_kwargs), ib)
     if opts.phase1_steps:  # IA-RED² phase 1: only the token reducers learn
       frozen = state["step"] < opts.phase1_steps
       trainable = train_plugins.reducer_param_mask(state["params"])
@@ -239,15 +243,18 @@ def check_config(config, *, check_batches: bool = True):
     jax.eval_shape(functools.partial(model.apply, **apply_schedule.init_kwargs()), variables,
                    jax.ShapeDtypeStruct((1, side, side, dummy.shape[-1]), jnp.float32))
   opts = train_plugins.StepOptions.from_config(config)
-  if len(opts.resolutions) > 1 and opts.scale_consistency > 0:  # the step reads pre_logits
+  users = ([("scale_consistency", opts.scale_consistency, "to train at several sides without it")]
+           if len(opts.resolutions) > 1 and opts.scale_consistency > 0 else []) + (
+               [("ib.weight", opts.ib_weight, "to train without LTM's IB term")]
+               if opts.ib_weight > 0 else [])
+  for field, value, without in users:  # the step reads pre_logits
     try:
       jax.eval_shape(functools.partial(model.apply, features=True,
                                        **apply_schedule.init_kwargs()), variables, dummy)
     except ValueError as e:
-      raise ValueError(f"config.scale_consistency={opts.scale_consistency} compares the "
-                       f"pre_logits of apply(..., features=True), which model_name="
-                       f"{config.model_name!r} cannot give here: {e}; set "
-                       "config.scale_consistency=0 to train at several sides without it") from None
+      raise ValueError(f"config.{field}={value} uses the pre_logits of apply(..., features=True), "
+                       f"which model_name={config.model_name!r} cannot give here: {e}; set "
+                       f"config.{field}=0 {without}") from None
   return model, apply_schedule
 
 
@@ -360,6 +367,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       writer.plot()
     return row
 
+  ib = train_plugins.information_bottleneck(config, model, info, apply_schedule.init_kwargs())
   losses, last_row = [], {}
   # Images/s count only steps that ran a compiled step: the first step of each apply setting (one
   # per LookupViT grid) compiles, and is timed apart and left out, as are evals. Time left adds
@@ -371,13 +379,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   progress = console.Progress(config.total_steps, start)
   try:
     for step in range(start + 1, config.total_steps + 1):
+      if ib is not None and ib.due(step):  # LTM's IB: new feature clusters and Q, untimed
+        jax.block_until_ready(losses)
+        t_ib = time.time()
+        ib.update(step, state_variables(state), config.eval_batch_size)
+        excluded += time.time() - t_ib
+        console.log("IB statistics at step %d (term %s)", step, "on" if step >= ib.start else "off")
       kw = static_kwargs(apply_schedule.train_kwargs(step))
       first = kw not in compiled
       if first:
         jax.block_until_ready(losses)  # finish the steps before, so only this one is set apart
         t_first = time.time()
       state, loss = train_step(state, to_global(next(train_iter), batch_sharding), dropout_key,
-                               apply_kwargs=kw)
+                               apply_kwargs=kw, ib=None if ib is None else ib.arrays(step))
       losses.append(loss)
       if first:
         compiled.add(kw)

@@ -38,6 +38,27 @@ pair the step adds, weighted by `policy.weight`,
 penalty 1; the baseline is the batch-mean reward). `policy.phase1_steps` > 0 trains only the
 parameters under a `tokenreducer_*` scope (the interpreters) for that many steps, the backbone
 frozen (its gradients and updates zeroed inside the jitted step), then everything jointly.
+
+LTM's information bottleneck as its repository trains it (Wang & Yang, "Efficient Visual
+Transformer by Learnable Token Merging"; Statistical-Deep-Learning/LTM, train.py and
+timm/loss/cross_entropy.py::LabelSmoothingCrossEntropy_IB), `config.ib`: the step adds
+`ib.weight` x the mean over the batch of `ops.token_reduction.ib_bound`,
+
+    sum_{a,b} phi_out(a) phi_in(b) log phi_in(b)  -  sum_a phi_out(a) log Q[a, y],
+
+phi_in the soft assignment (`ops.token_reduction.cluster_scores`, beta `ib.beta`) of the
+flattened input image to K input clusters, phi_out that of the pre-logits feature to K feature
+clusters, Q[a, c] the mean of phi_out(a) over the samples of class c. As in the repository, K is
+the class count, the input clusters are k-means centroids of training images computed once, the
+feature clusters and Q are recomputed from the current model every epoch (`ib.refresh_steps`),
+and the term is off for the first `ib.warmup` fraction of the steps (its 0.3). `InformationBottleneck`
+keeps the centroids and Q and hands the step `ib_arrays(...)`. Choices where the repository
+differs or is silent: the statistics come from `ib.samples` training images (the repository
+passes the whole training set); k-means (Lloyd, `ib.kmeans_iters` rounds from K distinct
+samples, `kmeans`) clusters the L2-normalised vectors, the same vectors the scores are taken
+of (the repository's faiss k-means clusters raw vectors and scores normalised ones); Q is
+estimated with the new feature centroids (the repository pairs new centroids with a Q of the
+previous epoch's), and clipped at 1e-12 before its log.
 """
 from __future__ import annotations
 
@@ -47,6 +68,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 REDUCER_SCOPE = "tokenreducer_"
 WHITEN_EPS = 1e-6
@@ -118,6 +140,131 @@ def freeze_backbone(tree, mask, frozen):
   return jax.tree.map(lambda x, m: x if m else jnp.where(frozen, jnp.zeros_like(x), x), tree, mask)
 
 
+def kmeans(x, k: int, *, iters: int, key):
+  """Lloyd's k-means of the rows of x (n, F) -> (k, F) centroids, starting from k distinct rows
+  drawn with `key`; a cluster left empty keeps its centroid."""
+  c = x[jax.random.choice(key, x.shape[0], (k,), replace=False)]
+
+  def body(c, _):
+    d = jnp.sum(x * x, 1)[:, None] - 2 * x @ c.T + jnp.sum(c * c, 1)[None]
+    onehot = jax.nn.one_hot(jnp.argmin(d, 1), k, dtype=x.dtype)
+    counts = onehot.sum(0)[:, None]
+    return jnp.where(counts > 0, onehot.T @ x / jnp.maximum(counts, 1), c), None
+  return jax.lax.scan(body, c, None, length=iters)[0]
+
+
+def l2_rows(x):
+  """Rows of x (n, ...) flattened and L2-normalised, as the LTM repository scores them."""
+  x = x.reshape(x.shape[0], -1)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def class_cluster_q(score, onehot):
+  """Q[a, c] = mean of score[:, a] over the samples of class c (K, C); a class without samples
+  gets the uniform 1/K."""
+  counts = onehot.sum(0)
+  q = score.T @ onehot / jnp.maximum(counts, 1)[None]
+  return jnp.where(counts[None] > 0, q, 1.0 / score.shape[1])
+
+
+def ib_loss(images, pre_logits, labels, arrays, *, beta: float):
+  """The mean over the batch of the repository's bound (module docstring), times arrays['on']."""
+  from vitjax.ops import token_reduction as tr  # pylint: disable=g-import-not-at-top
+  score_in = tr.cluster_scores(l2_rows(images), arrays["c_in"], beta)
+  score_out = tr.cluster_scores(l2_rows(pre_logits), arrays["c_out"], beta)
+  onehot = jax.nn.one_hot(labels, arrays["q"].shape[1], dtype=score_out.dtype)
+  bound = tr.ib_bound(score_in, score_out, onehot, jnp.maximum(arrays["q"], 1e-12))
+  return arrays["on"] * jnp.mean(bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class IBOptions:
+  """config.ib (module docstring); weight 0 turns it off."""
+  weight: float = 0.0
+  warmup: float = 0.3           # fraction of total_steps without the term
+  refresh_steps: int = 0        # 0: one epoch of steps
+  samples: int = 10_000
+  kmeans_iters: int = 20
+  beta: float = 1.0
+
+  @classmethod
+  def from_config(cls, config) -> IBOptions:
+    ib = config.get("ib") or {}
+    return cls(**{f.name: (int if f.type == "int" else float)(ib[f.name])
+                  for f in dataclasses.fields(cls) if f.name in ib})
+
+
+class InformationBottleneck:
+  """The centroids and Q of the LTM repository's IB term (module docstring), kept by the runner.
+
+  `images`, `labels`: the `samples` training images (as the model sees them) and their labels.
+  `features(variables, images) -> pre_logits` runs the model in eval mode. `update(step,
+  variables)` recomputes the feature clusters and Q when they are due; `arrays(step)` is what the
+  train step takes (`on` is 0 during the warm-up, so the step compiles once).
+  """
+
+  def __init__(self, options: IBOptions, *, images, labels, num_classes: int, features,
+               total_steps: int, steps_per_epoch: int, seed: int):
+    self.options, self.features = options, features
+    self.labels = np.asarray(labels)
+    self.images = np.asarray(images)
+    self.k = num_classes
+    self.start = int(options.warmup * total_steps) + 1            # first step with the term
+    self.every = options.refresh_steps or max(steps_per_epoch, 1)
+    key_in, self.key = jax.random.split(jax.random.key(seed))
+    flat = l2_rows(jnp.asarray(self.images))
+    self.c_in = jax.jit(kmeans, static_argnames=("k", "iters"))(
+        flat, k=self.k, iters=options.kmeans_iters, key=key_in)
+    self.c_out = self.q = None
+    self.refreshed = None
+
+  def due(self, step: int) -> bool:
+    return self.c_out is None or (step >= self.start and (step - self.start) % self.every == 0)
+
+  def update(self, step: int, variables, batch_size: int) -> bool:
+    """Recomputes the feature centroids and Q if due at `step`; True when it did."""
+    if not self.due(step):
+      return False
+    feats = np.concatenate([np.asarray(self.features(variables, self.images[i:i + batch_size]))
+                            for i in range(0, len(self.images), batch_size)])
+    from vitjax.ops import token_reduction as tr  # pylint: disable=g-import-not-at-top
+    flat = l2_rows(jnp.asarray(feats))
+    self.c_out = jax.jit(kmeans, static_argnames=("k", "iters"))(
+        flat, k=self.k, iters=self.options.kmeans_iters, key=jax.random.fold_in(self.key, step))
+    score = tr.cluster_scores(flat, self.c_out, self.options.beta)
+    self.q = class_cluster_q(score, jax.nn.one_hot(self.labels, self.k, dtype=score.dtype))
+    self.refreshed = step
+    return True
+
+  def arrays(self, step: int) -> dict:
+    return dict(c_in=self.c_in, c_out=self.c_out, q=self.q,
+                on=jnp.asarray(float(step >= self.start), jnp.float32))
+
+
+def information_bottleneck(config, model, info, apply_kwargs) -> InformationBottleneck | None:
+  """The runner's `InformationBottleneck` for config.ib (None when ib.weight is 0): its samples are
+  the first ib.samples images of a training stream seeded config.seed + 1."""
+  options = IBOptions.from_config(config)
+  if not options.weight:
+    return None
+  if options.samples < info.num_classes:
+    raise ValueError(f"config.ib.samples={options.samples}: k-means needs at least one sample per "
+                     f"cluster; allowed values are >= {info.num_classes} (the class count)")
+  from vitjax import data as vdata  # pylint: disable=g-import-not-at-top
+  stream = vdata.train_iterator(config.data, batch_size=config.batch_size, seed=config.seed + 1,
+                                process_index=jax.process_index(),
+                                process_count=jax.process_count())
+  batches = [next(stream) for _ in range(-(-options.samples // config.batch_size))]
+  images = np.concatenate([b["image"] for b in batches])[:options.samples]
+  labels = np.concatenate([b["label"] for b in batches])[:options.samples]
+  apply = jax.jit(lambda v, x: model.apply(v, x, features=True, **apply_kwargs)[1]["pre_logits"])
+  return InformationBottleneck(options, images=images, labels=labels,
+                               num_classes=info.num_classes, features=apply,
+                               total_steps=config.total_steps,
+                               steps_per_epoch=info.train_size // config.batch_size,
+                               seed=config.seed + 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
   """What `vitjax.train.make_train_step` needs of the plug-in fields; the defaults change nothing."""
@@ -126,16 +273,20 @@ class StepOptions:
   policy_weight: float = 1.0
   penalty: float = 1.0
   phase1_steps: int = 0
+  ib_weight: float = 0.0
+  ib_beta: float = 1.0
 
   @classmethod
   def from_config(cls, config) -> StepOptions:
     policy = config.get("policy") or {}
+    ib = IBOptions.from_config(config)
     return cls(resolutions=tuple(sorted({int(s) for s in config.get("train_resolutions") or ()},
                                         reverse=True)),
                scale_consistency=float(config.get("scale_consistency", 0.0)),
                policy_weight=float(policy.get("weight", 1.0)),
                penalty=float(policy.get("penalty", 1.0)),
-               phase1_steps=int(policy.get("phase1_steps", 0)))
+               phase1_steps=int(policy.get("phase1_steps", 0)),
+               ib_weight=ib.weight, ib_beta=ib.beta)
 
 
 def eval_settings(evals, config) -> tuple[list[tuple[str, dict, int]], str | None]:
@@ -195,4 +346,23 @@ def check_config(config, stride, params_shapes) -> tuple[int, ...]:
                      f"'{REDUCER_SCOPE}*' scope, but model_name={name!r} has none (set "
                      "config.model.token_reduction to a reducer with parameters, e.g. 'iared2', "
                      "or phase1_steps=0)")
+  _check_ib(config.get("ib") or {})
   return tuple(sorted(set(train + evals) - {size}))
+
+
+def _check_ib(ib):
+  unknown = sorted(set(ib) - {f.name for f in dataclasses.fields(IBOptions)})
+  if unknown:
+    raise ValueError(f"config.ib.{unknown[0]}: unknown field; allowed fields are "
+                     f"{', '.join(f.name for f in dataclasses.fields(IBOptions))}")
+  for field, low, integer in (("weight", 0, False), ("beta", 0, False), ("samples", 2, True),
+                              ("kmeans_iters", 1, True), ("refresh_steps", 0, True)):
+    v = ib.get(field, low)
+    if integer and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+      raise ValueError(f"config.ib.{field}={v!r}: allowed values are integers >= {low}")
+    if not integer and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= low):
+      raise ValueError(f"config.ib.{field}={v!r}: allowed values are finite numbers >= {low}")
+  warmup = ib.get("warmup", 0.0)
+  if not (isinstance(warmup, (int, float)) and 0 <= warmup < 1):
+    raise ValueError(f"config.ib.warmup={warmup!r}: allowed values are fractions of "
+                     "config.total_steps in [0, 1)")

@@ -119,6 +119,14 @@ def base_config() -> mlc.ConfigDict:
       phase1_steps=0,                 # first steps train only the tokenreducer_* params (the
       #                                 interpreters), the backbone frozen; then everything
   ))
+  c.ib = mlc.ConfigDict(dict(         # LTM's information bottleneck as its repository trains it
+      weight=0.0,                     # weight of the IB bound in the loss (the repository: 0.1); 0 = off
+      warmup=0.3,                     # fraction of total_steps before the term joins (the repository's)
+      refresh_steps=0,                # feature clusters and Q recomputed every so many steps; 0 = an epoch
+      samples=10_000,                 # training images the clusters and Q are estimated from
+      kmeans_iters=20,                # Lloyd rounds of each k-means (K = the class count)
+      beta=1.0,                       # sharpness of the soft cluster assignment (the repository's)
+  ))
   return c
 
 

@@ -16,7 +16,10 @@ Arguments (comma-separated, combinable; `runlocal` shrinks to a smoke test):
                                 and multi-resolution training at 28/20/16 px (the paper's 224/160/128
                                 scaled to 28) with the scale-consistency loss.
   reduction=ltm|iared2|random   a token reducer before block `block` (default 1, after the first
-  keep=0.5                      block), keeping `keep` of the patch tokens.
+  keep=0.5                      block), keeping `keep` of the patch tokens. 'ltm' trains with the
+                                LTM repository's IB term (config.ib, weight 0.1, the repository's;
+                                the merging module's own label-free term off, and the pre-logits
+                                read with feature_blocks=(0,), the block before the reducer).
   finetune                      IA-RED²'s schedule from trained weights (config.init_from, every
                                 entry but the reducer loaded): PHASE1_STEPS steps training only the
                                 interpreters, then joint fine-tuning, FINETUNE_STEPS in all.
@@ -59,6 +62,10 @@ def get_config(arg=None):
     c.model.token_reduction = arg.reduction
     c.model.reduction_blocks = (arg.block,)
     c.model.keep_ratio = arg.keep
+  if arg.reduction == "ltm":
+    c.ib.weight = 0.1
+    c.model.reduction_kwargs = dict(ib_weight=0.0)
+    c.model.feature_blocks = (arg.block - 1,) if arg.block > 0 else None
   if arg.finetune:
     if arg.reduction != "iared2":
       raise ValueError(f"config argument finetune is IA-RED²'s schedule: it needs "

@@ -81,7 +81,8 @@ class LearnableTokenMerging(nn.Module):
   needs the labels, which a reducer does not see; the classifier's cross-entropy (a variational
   bound on it) plays that part. ib_weight's default, 0.1, is the repository's `--ib-weight`. The
   repository's own bound (`ops.ib_bound`) is a network-level loss over k-means clusters of the
-  images and of the final features, and the labels: a runner's job, not a reducer's.
+  images and of the final features, and the labels: a runner's job, not a reducer's
+  (`config.ib`, vitjax/train_plugins.py).
   """
   keep_ratio: float = 1.0
   ib_weight: float = 0.1
