@@ -9,6 +9,8 @@ timed from start to exit. Jobs:
 
   learn, resformer, rpe2d   positions; trained at 28 px (resformer at 28, 20 and 16 px with its
                             scale-consistency loss) and evaluated at 20, 28 and 36 px
+  resformer_single          ablations: ResFormer's positions trained at 28 px only, and the
+  learn_multires            learned table with ResFormer's multi-resolution recipe
   ltm, iared2, random       a token reducer before block 1 keeping half of the patch tokens;
                             ltm@0.7, iared2@0.7, random@0.7 keep 70% of them
   iared2_ft                 IA-RED²'s two phases from the learn job's weights: interpreters only,
@@ -38,12 +40,14 @@ REDUCERS = tuple(f"{r}{'' if k == KEEPS[0] else f'@{k}'}" for r in ("ltm", "iare
                  for k in KEEPS) + ("iared2_ft",)
 JOBS = {
     "learn": "posemb=learn", "resformer": "posemb=resformer", "rpe2d": "posemb=rpe2d",
+    # Ablations: ResFormer's positions without its recipe, and its recipe with the learned table.
+    "resformer_single": "posemb=resformer,multires=off", "learn_multires": "posemb=learn,multires=on",
     **{job: f"reduction={job.split('@')[0]},keep={job.split('@')[1] if '@' in job else KEEPS[0]}"
        for job in REDUCERS if job != "iared2_ft"},
     "iared2_ft": "reduction=iared2,keep=0.5,finetune",
     "dtn": "norm=dtn",
 }
-POSITIONS = ("learn", "resformer", "rpe2d")
+POSITIONS = ("learn", "resformer", "rpe2d", "resformer_single", "learn_multires")
 SIDES = (20, 28, 36)
 
 _JOBS = flags.DEFINE_list("jobs", list(JOBS), f"Jobs to run, of {', '.join(JOBS)}.")
@@ -128,8 +132,11 @@ def plots(results: dict, out: str):
     if job in results:
       f = results[job]["final"]
       sides = [s for s in SIDES if f"eval/accuracy@{s}" in f]
-      label = "resformer (trained at 28, 20, 16)" if job == "resformer" else job
-      ax.plot(sides, [f[f"eval/accuracy@{s}"] for s in sides], "o-", label=label)
+      label = {"resformer": "resformer (trained at 28, 20, 16)",
+               "resformer_single": "resformer positions, trained at 28 only",
+               "learn_multires": "learn, trained at 28, 20, 16"}.get(job, job)
+      ax.plot(sides, [f[f"eval/accuracy@{s}"] for s in sides],
+              "o-" if job in POSITIONS[:3] else "s--", label=label)
   ax.axvline(28, color="grey", lw=0.8, ls=":")
   ax.set(xlabel="test image side (px); the data's side is 28", xticks=SIDES,
          ylabel="Fashion-MNIST test accuracy")

@@ -24,6 +24,9 @@ Arguments (comma-separated, combinable; `runlocal` shrinks to a smoke test):
                                 entry but the reducer loaded): PHASE1_STEPS steps training only the
                                 interpreters, then joint fine-tuning, FINETUNE_STEPS in all.
   norm=ln|dtn                   the blocks' norm.
+  multires=auto|on|off          ResFormer's multi-resolution recipe (train_resolutions 28/20/16 with
+                                the scale-consistency loss); auto = on for posemb=resformer only,
+                                on/off separate the recipe from the positions (ablations).
 """
 from vitjax import choices
 from vitjax.configs import common
@@ -32,6 +35,7 @@ from vitjax.configs import vit
 POSEMBS = ("learn", "resformer", "rpe2d")
 REDUCTIONS = ("none", "ltm", "iared2", "random")
 NORMS = ("ln", "dtn")
+MULTIRES = ("auto", "on", "off")
 EVAL_RESOLUTIONS = (20, 28, 36)
 RESFORMER_RESOLUTIONS = (28, 20, 16)  # 224 / 160 / 128 px at 28/224 scale
 PHASE1_STEPS = 500
@@ -40,10 +44,11 @@ FINETUNE_STEPS = 1500
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, posemb="learn", reduction="none", keep=0.5, block=1,
-                         finetune=False, norm="ln")
+                         finetune=False, norm="ln", multires="auto")
   choices.check("posemb", arg.posemb, POSEMBS)
   choices.check("reduction", arg.reduction, REDUCTIONS)
   choices.check("norm", arg.norm, NORMS)
+  choices.check("multires", arg.multires, MULTIRES)
   c = vit.get_config("runlocal" if arg.runlocal else None)
   if arg.posemb != "learn" or arg.reduction == "none" and arg.norm == "ln":
     c.eval_resolutions = EVAL_RESOLUTIONS
@@ -55,6 +60,7 @@ def get_config(arg=None):
     c.model.posemb_kwargs = dict(range=14)
   if arg.posemb == "resformer":
     c.model.mixer_kwargs = dict(local_pe=True)
+  if arg.multires == "on" or arg.multires == "auto" and arg.posemb == "resformer":
     c.train_resolutions = RESFORMER_RESOLUTIONS
   if arg.norm != "ln":
     c.model.norm = arg.norm
