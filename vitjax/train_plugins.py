@@ -243,7 +243,8 @@ class InformationBottleneck:
 
 def information_bottleneck(config, model, info, apply_kwargs) -> InformationBottleneck | None:
   """The runner's `InformationBottleneck` for config.ib (None when ib.weight is 0): its samples are
-  the first ib.samples images of a training stream seeded config.seed + 1."""
+  the first ib.samples images of a training stream seeded config.seed + 1, the same in every
+  process (each reads them whole), so every process derives the same centroids and Q."""
   options = IBOptions.from_config(config)
   if not options.weight:
     return None
@@ -251,9 +252,7 @@ def information_bottleneck(config, model, info, apply_kwargs) -> InformationBott
     raise ValueError(f"config.ib.samples={options.samples}: k-means needs at least one sample per "
                      f"cluster; allowed values are >= {info.num_classes} (the class count)")
   from vitjax import data as vdata  # pylint: disable=g-import-not-at-top
-  stream = vdata.train_iterator(config.data, batch_size=config.batch_size, seed=config.seed + 1,
-                                process_index=jax.process_index(),
-                                process_count=jax.process_count())
+  stream = vdata.train_iterator(config.data, batch_size=config.batch_size, seed=config.seed + 1)
   batches = [next(stream) for _ in range(-(-options.samples // config.batch_size))]
   images = np.concatenate([b["image"] for b in batches])[:options.samples]
   labels = np.concatenate([b["label"] for b in batches])[:options.samples]
