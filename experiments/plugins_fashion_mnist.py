@@ -26,6 +26,7 @@ Jobs left out of --jobs keep their recorded rows (`--jobs=` redraws the tables f
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -49,6 +50,7 @@ JOBS = {
 }
 POSITIONS = ("learn", "resformer", "rpe2d", "resformer_single", "learn_multires")
 SIDES = (20, 28, 36)
+PATCHES = 49              # 7 x 7 patch tokens at 28 px
 
 _JOBS = flags.DEFINE_list("jobs", list(JOBS), f"Jobs to run, of {', '.join(JOBS)}.")
 _OUT = flags.DEFINE_string("out", "experiments/plugins", "Where the tables, JSON and plots go.")
@@ -88,8 +90,36 @@ def run_job(job: str) -> dict:
   wall = time.time() - t0
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   final = {k: v for r in rows if any(k.startswith("eval/") for k in r) for k, v in r.items()}
-  return {"job": job, "wall_sec": wall, "steps": rows[-1]["step"], "final": final,
-          "command": command}
+  out = {"job": job, "wall_sec": wall, "steps": rows[-1]["step"], "final": final,
+         "command": command}
+  if job.startswith("iared2"):
+    out["tokens_in_play"] = tokens_in_play(workdir)
+  return out
+
+
+def tokens_in_play(workdir: str) -> float:
+  """Mean fraction of the patch tokens a reducer leaves in play at eval over the test set (28 px),
+  from what the reducers sow as 'policy'/'kept' (IA-RED²: the bucket's tokens with pi >= its
+  threshold); 1.0 for a model without such a reducer."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import vitjax  # pylint: disable=g-import-not-at-top
+  from vitjax import checkpoint  # pylint: disable=g-import-not-at-top
+  from vitjax import data  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "config.json")) as fh:
+    config = ml_collections.ConfigDict(json.load(fh))
+  variables, _ = checkpoint.read_run_variables(os.path.join(workdir, "checkpoints"))
+  model = vitjax.create_model(config.model_name, num_classes=10, **config.model.to_dict())
+  apply = jax.jit(lambda v, x: model.apply(v, x, mutable=["policy"])[1])
+  total, count = 0.0, 0
+  for batch in data.eval_iterator(config.data, batch_size=500):
+    kept = jax.tree.leaves(apply(variables, batch["image"]))
+    if not kept:
+      return 1.0
+    mask = batch["mask"].astype(bool)
+    total += float(sum(k[mask].sum() for k in kept) / len(kept))
+    count += int(mask.sum())
+  return total / count
 
 
 def tables(results: dict) -> str:
@@ -107,9 +137,11 @@ def tables(results: dict) -> str:
       lines.append(f"| {job} | {accs} | {drop} | {f['eval/gmacs']:.4f} | "
                    f"{results[job]['wall_sec'] / 60:.1f} min |")
   lines += ["", "Token reducers before block 1 at two keep ratios, and DTN, next to the plain ViT "
-            "(accuracy and GMACs of the eval forward at 28 px).", "",
-            "| job | keep | accuracy | GMACs | GMACs / ViT's | wall time |",
-            "|---|---:|---:|---:|---:|---:|"]
+            "(accuracy and GMACs of the eval forward at 28 px). Tokens in play: the mean fraction "
+            "of the 49 patch tokens the blocks after the reducer use (IA-RED² measured: its policy "
+            "masks tokens inside the kept bucket, which the GMACs count whole).", "",
+            "| job | keep | tokens in play at eval | accuracy | GMACs | GMACs / ViT's | wall time |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
   ref = results.get("learn", {}).get("final", {}).get("eval/gmacs")
   for job in ("learn", *REDUCERS, "dtn"):
     if job in results:
@@ -117,7 +149,10 @@ def tables(results: dict) -> str:
       rel = f"{f['eval/gmacs'] / ref:.2f}" if ref else "-"
       name = "ViT (learn)" if job == "learn" else job
       keep = "-" if job in ("learn", "dtn") else job.split("@")[1] if "@" in job else KEEPS[0]
-      lines.append(f"| {name} | {keep} | {f['eval/accuracy']:.4f} | {f['eval/gmacs']:.4f} | {rel} | "
+      play = (results[job]["tokens_in_play"] if "tokens_in_play" in results[job] else
+              1.0 if keep == "-" else math.ceil(float(keep) * PATCHES) / PATCHES)
+      lines.append(f"| {name} | {keep} | {play:.3f} | {f['eval/accuracy']:.4f} | "
+                   f"{f['eval/gmacs']:.4f} | {rel} | "
                    f"{results[job]['wall_sec'] / 60:.1f} min |")
   lines += ["", "Commands:", ""] + [f"- {r['job']}: `{r['command']}`" for r in results.values()]
   return "\n".join(lines)
@@ -172,6 +207,10 @@ def main(argv):
   if os.path.exists(path):
     with open(path) as fh:
       results = {r["job"]: r for r in json.load(fh)}
+  for job, row in results.items():   # jobs recorded before the column existed
+    workdir = os.path.join(_RUNS.value, job)
+    if job.startswith("iared2") and "tokens_in_play" not in row and os.path.isdir(workdir):
+      row["tokens_in_play"] = tokens_in_play(workdir)
   if _JOBS.value:
     from vitjax import data  # pylint: disable=g-import-not-at-top
     from vitjax.configs import common  # pylint: disable=g-import-not-at-top
