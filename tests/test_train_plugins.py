@@ -379,6 +379,8 @@ def test_bad_policy_fields_name_the_field(fmnist):
     plugins_config.get_config("reduction=ltm,finetune")
   with pytest.raises(ValueError, match="Unknown posemb='sincos'"):
     plugins_config.get_config("posemb=sincos")
+  with pytest.raises(ValueError, match="penalty is IA-RED²'s reward: it needs reduction=iared2"):
+    plugins_config.get_config("reduction=ltm,penalty=4")
   with pytest.raises(ValueError, match="Unknown multires='yes'. Allowed values: auto, on, off"):
     plugins_config.get_config("posemb=learn,multires=yes")
 
@@ -400,7 +402,7 @@ def test_bad_ib_fields_name_the_field(field, value, match):
 VARIANTS = ["posemb=learn", "posemb=resformer", "posemb=rpe2d", "reduction=ltm,keep=0.5",
             "reduction=iared2,keep=0.5", "reduction=random,keep=0.5", "norm=dtn",
             "reduction=iared2,keep=0.5,finetune", "posemb=resformer,multires=off",
-            "posemb=learn,multires=on"]
+            "posemb=learn,multires=on", "reduction=iared2,keep=0.5,penalty=4"]
 
 
 @pytest.mark.parametrize("arg", VARIANTS)
@@ -420,5 +422,6 @@ def test_plugins_config_builds(arg):
   assert (model.width, model.depth, model.patch_size) == (96, 3, 4)   # configs/vit.py's model
   if "reduction" in arg:
     assert model.reduction_blocks == (1,) and model.keep_ratio == 0.5
+  assert c.policy.penalty == (4.0 if "penalty=4" in arg else 1.0)
   multires = "multires=on" in arg or "posemb=resformer" in arg and "multires=off" not in arg
   assert c.train_resolutions == ((28, 20, 16) if multires else ())

@@ -24,6 +24,8 @@ Arguments (comma-separated, combinable; `runlocal` shrinks to a smoke test):
                                 entry but the reducer loaded): PHASE1_STEPS steps training only the
                                 interpreters, then joint fine-tuning, FINETUNE_STEPS in all.
   norm=ln|dtn                   the blocks' norm.
+  penalty=1.0                   IA-RED²: the reward of a wrong prediction is -penalty
+                                (config.policy.penalty; BlockDrop's 1 by default).
   multires=auto|on|off          ResFormer's multi-resolution recipe (train_resolutions 28/20/16 with
                                 the scale-consistency loss); auto = on for posemb=resformer only,
                                 on/off separate the recipe from the positions (ablations).
@@ -44,7 +46,7 @@ FINETUNE_STEPS = 1500
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, posemb="learn", reduction="none", keep=0.5, block=1,
-                         finetune=False, norm="ln", multires="auto")
+                         finetune=False, norm="ln", multires="auto", penalty=1.0)
   choices.check("posemb", arg.posemb, POSEMBS)
   choices.check("reduction", arg.reduction, REDUCTIONS)
   choices.check("norm", arg.norm, NORMS)
@@ -72,6 +74,11 @@ def get_config(arg=None):
     c.ib.weight = 0.1
     c.model.reduction_kwargs = dict(ib_weight=0.0)
     c.model.feature_blocks = (arg.block - 1,) if arg.block > 0 else None
+  if arg.penalty != 1.0:
+    if arg.reduction != "iared2":
+      raise ValueError(f"config argument penalty is IA-RED²'s reward: it needs reduction=iared2, "
+                       f"not reduction={arg.reduction!r}")
+    c.policy.penalty = arg.penalty
   if arg.finetune:
     if arg.reduction != "iared2":
       raise ValueError(f"config argument finetune is IA-RED²'s schedule: it needs "
