@@ -53,8 +53,8 @@ the class count, the input clusters are k-means centroids of training images com
 feature clusters and Q are recomputed from the current model every epoch (`ib.refresh_steps`),
 and the term is off for the first `ib.warmup` fraction of the steps (its 0.3).
 `InformationBottleneck` keeps the centroids and Q and hands the step its `arrays(step)`. Choices
-where the repository differs or is silent: the statistics come from `ib.samples` training images (the repository
-passes the whole training set); k-means (Lloyd, `ib.kmeans_iters` rounds from K distinct
+where the repository differs or is silent: the statistics come from `ib.samples` training images
+(the repository passes the whole training set); k-means (Lloyd, `ib.kmeans_iters` rounds from K distinct
 samples, `kmeans`) clusters the L2-normalised vectors, the same vectors the scores are taken
 of (the repository's faiss k-means clusters raw vectors and scores normalised ones); Q is
 estimated with the new feature centroids (the repository pairs new centroids with a Q of the
