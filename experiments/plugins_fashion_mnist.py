@@ -13,7 +13,6 @@ timed from start to exit. Jobs:
   learn_multires            learned table with ResFormer's multi-resolution recipe
   ltm, iared2, random       a token reducer before block 1 keeping half of the patch tokens;
                             ltm@0.7, iared2@0.7, random@0.7 keep 70% of them
-  iared2_p4                 IA-RED² at keep 0.5 with penalty 4 (a wrong prediction's reward -4)
   iared2_ft                 IA-RED²'s two phases from the learn job's weights: interpreters only,
                             then jointly (configs/plugins.py:...,finetune); needs the learn job
   dtn                       DTN in place of every LayerNorm
@@ -47,8 +46,6 @@ JOBS = {
     **{job: f"reduction={job.split('@')[0]},keep={job.split('@')[1] if '@' in job else KEEPS[0]}"
        for job in REDUCERS if job != "iared2_ft"},
     "iared2_ft": "reduction=iared2,keep=0.5,finetune",
-    # IA-RED² with a wrong prediction costing 4 instead of 1: does its policy then keep more tokens?
-    "iared2_p4": "reduction=iared2,keep=0.5,penalty=4",
     "dtn": "norm=dtn",
 }
 POSITIONS = ("learn", "resformer", "rpe2d", "resformer_single", "learn_multires")
@@ -146,7 +143,7 @@ def tables(results: dict) -> str:
             "| job | keep | tokens in play at eval | accuracy | GMACs | GMACs / ViT's | wall time |",
             "|---|---:|---:|---:|---:|---:|---:|"]
   ref = results.get("learn", {}).get("final", {}).get("eval/gmacs")
-  for job in ("learn", *REDUCERS, "iared2_p4", "dtn"):
+  for job in ("learn", *REDUCERS, "dtn"):
     if job in results:
       f = results[job]["final"]
       rel = f"{f['eval/gmacs'] / ref:.2f}" if ref else "-"
@@ -184,7 +181,7 @@ def plots(results: dict, out: str):
   fig.savefig(os.path.join(out, "accuracy_vs_resolution.png"), dpi=120)
   plt.close(fig)
   fig, ax = plt.subplots(figsize=(5, 3.6))
-  for i, job in enumerate(("learn", *REDUCERS, "iared2_p4")):
+  for i, job in enumerate(("learn", *REDUCERS)):
     if job in results:
       f = results[job]["final"]
       ax.plot([f["eval/gmacs"] * 1e3], [f["eval/accuracy"]], "s" if job == "learn" else "o",
