@@ -243,11 +243,7 @@ def check_config(config, *, check_batches: bool = True):
     jax.eval_shape(functools.partial(model.apply, **apply_schedule.init_kwargs()), variables,
                    jax.ShapeDtypeStruct((1, side, side, dummy.shape[-1]), jnp.float32))
   opts = train_plugins.StepOptions.from_config(config)
-  users = ([("scale_consistency", opts.scale_consistency, "to train at several sides without it")]
-           if len(opts.resolutions) > 1 and opts.scale_consistency > 0 else []) + (
-               [("ib.weight", opts.ib_weight, "to train without LTM's IB term")]
-               if opts.ib_weight > 0 else [])
-  for field, value, without in users:  # the step reads pre_logits
+  for field, value, without in opts.pre_logits_users():  # the step reads pre_logits
     try:
       jax.eval_shape(functools.partial(model.apply, features=True,
                                        **apply_schedule.init_kwargs()), variables, dummy)
@@ -379,12 +375,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   progress = console.Progress(config.total_steps, start)
   try:
     for step in range(start + 1, config.total_steps + 1):
-      if ib is not None and ib.due(step):  # LTM's IB: new feature clusters and Q, untimed
-        jax.block_until_ready(losses)
-        t_ib = time.time()
-        ib.update(step, state_variables(state), config.eval_batch_size)
-        excluded += time.time() - t_ib
-        console.log("IB statistics at step %d (term %s)", step, "on" if step >= ib.start else "off")
+      if ib is not None:  # LTM's IB: new feature clusters and Q when due, left out of the timing
+        excluded += ib.refresh(step, state, state_variables, config.eval_batch_size, losses)
       kw = static_kwargs(apply_schedule.train_kwargs(step))
       first = kw not in compiled
       if first:

@@ -64,11 +64,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vitjax import console
 
 REDUCER_SCOPE = "tokenreducer_"
 WHITEN_EPS = 1e-6
@@ -236,6 +239,17 @@ class InformationBottleneck:
     self.refreshed = step
     return True
 
+  def refresh(self, step: int, state, variables_of, batch_size: int, pending=()) -> float:
+    """The loop's call: `update` when due (after the `pending` steps finish), logged; returns the
+    seconds it took, which the loop leaves out of its throughput."""
+    if not self.due(step):
+      return 0.0
+    jax.block_until_ready(pending)
+    t0 = time.time()
+    self.update(step, variables_of(state), batch_size)
+    console.log("IB statistics at step %d (term %s)", step, "on" if step >= self.start else "off")
+    return time.time() - t0
+
   def arrays(self, step: int) -> dict:
     return dict(c_in=self.c_in, c_out=self.c_out, q=self.q,
                 on=jnp.asarray(float(step >= self.start), jnp.float32))
@@ -274,6 +288,16 @@ class StepOptions:
   phase1_steps: int = 0
   ib_weight: float = 0.0
   ib_beta: float = 1.0
+
+  def pre_logits_users(self) -> list[tuple[str, float, str]]:
+    """(config field, value, how to do without it) of each term that reads the pre-logits."""
+    users = []
+    if len(self.resolutions) > 1 and self.scale_consistency > 0:
+      users.append(("scale_consistency", self.scale_consistency,
+                    "to train at several sides without it"))
+    if self.ib_weight > 0:
+      users.append(("ib.weight", self.ib_weight, "to train without LTM's IB term"))
+    return users
 
   @classmethod
   def from_config(cls, config) -> StepOptions:
