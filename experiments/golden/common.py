@@ -191,5 +191,19 @@ def save(fixture: dict, name: str, out: dict, directory: str = GOLDEN) -> None:
   out.update(fixture=os.path.relpath(path, ROOT), bytes=os.path.getsize(path))
 
 
+def finish(out: dict, fixture: dict, name: str, *, full: bool, official, constructors,
+           out_dir: str = GOLDEN) -> dict:
+  """The end of a one-repository run: at full size the official parameter counts
+  ({vitjax name: constructor name} `constructors` of module `official`), else the fixture
+  written; then `out` printed as one JSON line and returned."""
+  if full:
+    out["official_params"] = {n: param_count(getattr(official, c)())
+                              for n, c in constructors.items()}
+  else:
+    save(fixture, name, out, out_dir)
+  print(json.dumps(out))
+  return out
+
+
 def param_count(model) -> int:
   return sum(p.numel() for p in model.parameters())

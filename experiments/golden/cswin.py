@@ -23,7 +23,6 @@ half the bytes), runs a fixed input in eval mode, converts the state dict with
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
@@ -66,13 +65,8 @@ def run(root: str, commit: str, *, full: bool, seed: int = 0, out_dir: str = com
   out = {"model": "cswin_tiny_224", "full": full, "input": [2, 3, size, size],
          "params": common.param_count(model),
          "max_abs_logit": float(np.abs(logits).max()), "max_abs_diff": common.compare(fixture)}
-  if full:
-    out["official_params"] = {name: common.param_count(getattr(official, ctor)())
-                              for name, ctor in OFFICIAL.items()}
-  else:
-    common.save(fixture, "cswin_tiny_224.npz", out, out_dir)
-  print(json.dumps(out))
-  return out
+  return common.finish(out, fixture, "cswin_tiny_224.npz", full=full, official=official,
+                       constructors=OFFICIAL, out_dir=out_dir)
 
 
 def main(argv=None):

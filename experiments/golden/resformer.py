@@ -26,7 +26,6 @@ at each.
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 
@@ -76,12 +75,8 @@ def run(root: str, commit: str, *, full: bool, seed: int = 0, out_dir: str = com
          "params": common.param_count(model),
          "sizes": list(sizes), "max_abs_logit": [float(np.abs(y).max()) for _, y in pairs],
          "max_abs_diff": diffs}
-  if full:
-    out["official_params"] = {n: common.param_count(getattr(official, n)()) for n in OFFICIAL}
-  else:
-    common.save(fixture, f"{MODEL}.npz", out, out_dir)
-  print(json.dumps(out))
-  return out
+  return common.finish(out, fixture, f"{MODEL}.npz", full=full, official=official,
+                       constructors={n: n for n in OFFICIAL}, out_dir=out_dir)
 
 
 def main(argv=None):

@@ -31,7 +31,6 @@ output's 'permuted_passes') so a fixture that never permuted cannot pass unnotic
 from __future__ import annotations
 
 import contextlib
-import json
 
 import numpy as np
 
@@ -96,13 +95,8 @@ def run(root: str, commit: str, *, full: bool, seed: int = 0, out_dir: str = com
          "max_abs_diff": common.compare(fixture)}
   if not calls:
     raise RuntimeError("the official model drew no permutation; the fixture would not test it")
-  if full:
-    out["official_params"] = {name: common.param_count(getattr(official, c)())
-                              for name, c in OFFICIAL.items()}
-  else:
-    common.save(fixture, "sret_t.npz", out, out_dir)
-  print(json.dumps(out))
-  return out
+  return common.finish(out, fixture, "sret_t.npz", full=full, official=official,
+                       constructors=OFFICIAL, out_dir=out_dir)
 
 
 def main(argv=None):
